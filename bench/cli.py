@@ -1,0 +1,50 @@
+"""``python -m bench <verb> ...``: one sub-command per verb module.
+
+Each verb lives in the module that owns its work and exposes ``register_verb(subparsers)``, which adds
+its parser and sets ``func(args) -> int``. Errors meant for users (``BenchError``, ``MethodError``) are
+printed as one line with a non-zero exit; finished results are never touched by an error path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bench.errors import BenchError
+from methods.base import MethodError
+
+_VERB_MODULES = (
+    "bench.runner",
+    "bench.catalog",
+    "bench.report",
+    "bench.regress",
+    "bench.perf",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in _VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register_verb(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (BenchError, MethodError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
+        return 130

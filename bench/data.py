@@ -1,0 +1,187 @@
+"""MNIST and CIFAR-10 as in-memory uint8 tensors, with batched augmentation on the training device.
+
+Where the data lives: ``--data-dir``, else ``$BENCH_DATA_DIR``, else ``$XDG_CACHE_HOME/certbench/data``
+(``~/.cache/certbench/data``). torchvision reads the official files from there, downloading them when
+they are missing and the machine is online. A read-only data dir is never written to: MNIST's ``.gz``
+files (which torchvision must extract) are then copied to a writable cache and extracted there.
+
+Everything the harness hands to a method is in **pixel space**: float32 in [0, 1], (B, C, H, W).
+Normalisation belongs to each method's model. Augmentation (random crop after padding, horizontal flip)
+is done per batch with tensor ops, so it runs on the GPU when training does; its randomness comes from a
+generator seeded by (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+from methods.base import Augmentation, DatasetInfo
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,)),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465)),
+}
+DISPLAY_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+EXPECTED_FILES = {
+    "mnist": [f"MNIST/raw/{n}.gz" for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")],
+    "cifar10": [f"cifar-10-batches-py/{n}" for n in ("data_batch_1", "data_batch_2", "data_batch_3",
+                                                      "data_batch_4", "data_batch_5", "test_batch",
+                                                      "batches.meta")],
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise BenchError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "certbench"
+
+
+def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("BENCH_DATA_DIR")
+    return Path(env).expanduser() if env else cache_dir() / "data"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (N, C, H, W) uint8 and labels (N,) int64, on CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _writable(path: Path) -> bool:
+    probe = path if path.exists() else path.parent
+    return os.access(probe, os.W_OK)
+
+
+def _missing(name: str, root: Path, why: str) -> BenchError:
+    files = ", ".join(EXPECTED_FILES[name])
+    return BenchError(
+        f"{DISPLAY_NAMES[name]} not available in {root} ({why}); expected {files} there — "
+        "pass --data-dir or set BENCH_DATA_DIR to a folder holding them, or go online to download"
+    )
+
+
+def _torchvision_dataset(name: str, root: Path, train: bool):  # type: ignore[no-untyped-def]
+    from torchvision import datasets
+
+    try:
+        if name == "cifar10":
+            present = (root / "cifar-10-batches-py" / "test_batch").is_file()
+            download = not present and _writable(root)
+            return datasets.CIFAR10(str(root), train=train, download=download)
+        raw = root / "MNIST" / "raw"
+        extracted = (raw / "t10k-labels-idx1-ubyte").is_file()
+        if not extracted and not _writable(root) and all((root / f).is_file() for f in EXPECTED_FILES["mnist"]):
+            root = _extract_copy(root)
+        return datasets.MNIST(str(root), train=train, download=not extracted and _writable(root))
+    except BenchError:
+        raise
+    except Exception as exc:  # torchvision raises RuntimeError / URLError / OSError variants offline
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise _missing(name, root, first[:120]) from None
+
+
+def _extract_copy(root: Path) -> Path:
+    """Copy MNIST's .gz files from a read-only folder into a writable cache; torchvision extracts there."""
+    target = cache_dir() / "mnist-extracted"
+    raw = target / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for rel in EXPECTED_FILES["mnist"]:
+        dest = target / rel
+        if not dest.is_file() or dest.stat().st_size != (root / rel).stat().st_size:
+            shutil.copyfile(root / rel, dest)
+    return target
+
+
+def load_split(name: str, train: bool, root: Path) -> Split:
+    dataset_info(name)
+    ds = _torchvision_dataset(name, root, train)
+    if name == "cifar10":
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor(ds.targets, dtype=torch.int64)
+    else:
+        images = ds.data.unsqueeze(1).contiguous()
+        labels = ds.targets.to(torch.int64)
+    return Split(images, labels)
+
+
+def to_pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def augment(x: torch.Tensor, aug: Augmentation, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after padding (edge or zeros) and random horizontal flip, per sample, batched."""
+    b, _, h, w = x.shape
+    if aug.crop_padding > 0:
+        pad = aug.crop_padding
+        mode = "replicate" if aug.padding_mode == "edge" else "constant"
+        padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chan, rows, cols]
+    if aug.hflip:
+        flip = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+class TrainBatches:
+    """Shuffled, augmented pixel batches; the last partial batch is kept (as the reference code does)."""
+
+    def __init__(self, split: Split, batch_size: int, aug: Augmentation, seed: int, device: torch.device):
+        if batch_size <= 0:
+            raise BenchError(f"batch_size must be positive, got {batch_size}")
+        self.split = split
+        self.batch_size = batch_size
+        self.aug = aug
+        self.seed = seed
+        self.device = device
+        self._images = split.images.to(device)
+        self._labels = split.labels.to(device)
+
+    def __len__(self) -> int:
+        return (len(self.split) + self.batch_size - 1) // self.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.split), generator=gen).to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self._images[idx].float().div_(255.0)
+            yield augment(x, self.aug, gen), self._labels[idx]
+
+
+def test_batches(split: Split, start: int, stop: int, batch_size: int, device: torch.device
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, pixels, labels) over test indices [start, stop), in order, no augmentation."""
+    if stop > len(split):
+        raise BenchError(f"test range [{start}, {stop}) exceeds the {len(split)} test images")
+    for s in range(start, stop, batch_size):
+        e = min(stop, s + batch_size)
+        yield torch.arange(s, e), to_pixels(split.images[s:e], device), split.labels[s:e].to(device)

@@ -1,0 +1,143 @@
+"""Finished cells read back from result files: the numbers tables, plots and the CI gate are built from.
+
+Only files that ``bench.store.load_result`` accepts become runs; every other ``result.json`` becomes a
+one-line problem, so that a corrupt or partial cell is reported and never shown as a number.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from bench.errors import BenchError
+from bench.store import RESULT_FILE, LoadedResult, eps_slug, iter_results, parse_eps, read_csv
+
+TRAIN_LOG = "train_log.csv"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished cell (one seed). Accuracies are fractions in [0, 1]; ``wall_s`` is the cell's total
+    time (train + clean + PGD + certify) in seconds."""
+
+    key: str
+    """``<scale>/<suite>/<dataset>/eps_<a>-<b>/<method>/seed<N>``: the cell folder relative to the results root."""
+    scale: str
+    suite: str
+    dataset: str
+    eps: Fraction
+    method: str
+    seed: int
+    clean: float
+    pgd: float
+    certified: float
+    n_examples: int
+    certifier: str
+    wall_s: float
+    versions: Mapping[str, str]
+    device: str
+    attack: str
+    folder: Path
+
+    @property
+    def group(self) -> str:
+        """The key without the seed: the runs of one table row."""
+        return self.key.rsplit("/", 1)[0]
+
+
+def read_runs(root: Path, scale: str | None = None, suite: str | None = None) -> tuple[list[Run], list[str]]:
+    """Finished runs below ``root`` (optionally only ``<root>/<scale>/<suite>``), sorted by key, and one
+    problem line per result file that cannot be used."""
+    folder = root / scale / suite if scale and suite else root
+    runs: list[Run] = []
+    problems: list[str] = []
+    for path, loaded in iter_results(folder):
+        if isinstance(loaded, BenchError):
+            problems.append(str(loaded))
+            continue
+        try:
+            run = _run(root, loaded)
+        except (BenchError, KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{path}: unusable result file ({exc.__class__.__name__}: {exc})")
+            continue
+        if scale and run.scale != scale or suite and run.suite != suite:
+            continue
+        runs.append(run)
+    return sorted(runs, key=lambda r: r.key), problems
+
+
+def find_suites(root: Path) -> list[tuple[str, str]]:
+    """Every (scale, suite) below ``root`` that holds at least one ``result.json``, usable or not."""
+    found: set[tuple[str, str]] = set()
+    for path in root.glob(f"*/*/*/*/*/*/{RESULT_FILE}"):  # scale/suite/dataset/eps/method/seed
+        scale, suite = path.relative_to(root).parts[:2]
+        found.add((scale, suite))
+    return sorted(found)
+
+
+def report_problems(problems: Iterable[str]) -> None:
+    for line in problems:
+        print(f"skipped: {line}", file=sys.stderr)
+
+
+def read_train_log(folder: Path) -> list[dict[str, float]]:
+    """The per-epoch log of a cell, every value a float; empty when the cell has no (readable) log."""
+    try:
+        rows = read_csv(folder / TRAIN_LOG)
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for row in rows:
+        values = {k: _float(v) for k, v in row.items() if k is not None}
+        out.append({k: v for k, v in values.items() if v is not None})
+    return out
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _run(root: Path, loaded: LoadedResult) -> Run:
+    rec: dict[str, Any] = loaded.record
+    cell, metrics, prov = rec["cell"], rec["metrics"], rec["provenance"]
+    eps = parse_eps(cell["eps"])
+    key = "/".join([cell["scale"], cell["suite"], cell["dataset"], eps_slug(eps), cell["method"],
+                    f"seed{int(cell['seed'])}"])
+    where = loaded.folder.relative_to(root).as_posix()
+    if where != key:
+        raise ValueError(f"its cell fields say {key} but it lies in {where}")
+    attack = rec.get("attack", {})
+    return Run(
+        key=key,
+        scale=cell["scale"],
+        suite=cell["suite"],
+        dataset=cell["dataset"],
+        eps=eps,
+        method=cell["method"],
+        seed=int(cell["seed"]),
+        clean=float(metrics["clean"]),
+        pgd=float(metrics["pgd"]),
+        certified=float(metrics["certified"]),
+        n_examples=int(rec["n_examples"]),
+        certifier=str(rec["certifier"]),
+        wall_s=float(prov["timings_s"]["total"]),
+        versions={str(k): str(v) for k, v in prov.get("versions", {}).items()},
+        device=str(prov.get("device_name") or prov["device"]),
+        attack=_attack_text(attack),
+        folder=loaded.folder,
+    )
+
+
+def _attack_text(attack: Mapping[str, Any]) -> str:
+    if not attack:
+        return "PGD (settings not recorded)"
+    restarts = int(attack["restarts"])
+    return f"PGD-{int(attack['steps'])}, {restarts} restart{'' if restarts == 1 else 's'}"

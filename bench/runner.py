@@ -1,0 +1,327 @@
+"""``python -m bench run``: expand a suite into cells and run the missing ones (train → evaluate → record).
+
+A cell is done when its ``result.json`` loads with status complete; it is then never redone. A cell that
+stopped mid-training resumes from ``checkpoint.pt`` (written atomically after every epoch, holding the
+model, the recipe's optimiser state and the per-epoch log), and because schedules and data order are
+functions of (seed, epoch, batch), it ends exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import data as datamod
+from bench.config import Cell, Suite, load_suite, parse_overrides
+from bench.errors import BenchError
+from bench.evaluate import evaluate
+from bench.store import (
+    SCHEMA_VERSION,
+    atomic_write_bytes,
+    atomic_write_json,
+    cell_dir,
+    dump_config,
+    ensure_writable,
+    format_eps,
+    load_result,
+    parse_eps,
+    write_csv,
+)
+from methods import base as registry
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda requested but no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise BenchError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("certbench")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "certbench": ours, "git": _git_commit()}
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    data_dir: Path
+    device: torch.device
+    certifier: str | None
+    progress: bool
+
+
+def cell_folder(cell: Cell, out: Path) -> Path:
+    return cell_dir(out, cell.scale.name, cell.suite, cell.dataset, cell.eps, cell.method, cell.seed)
+
+
+def cell_state(cell: Cell, out: Path) -> str:
+    """done / partial / corrupt / missing."""
+    folder = cell_folder(cell, out)
+    result = folder / "result.json"
+    if result.exists():
+        try:
+            load_result(result)
+            return "done"
+        except BenchError:
+            return "corrupt"
+    return "partial" if (folder / CHECKPOINT).exists() else "missing"
+
+
+def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable checkpoint is restarted, never trusted
+        print(f"warning: {path}: unreadable checkpoint ({exc.__class__.__name__}); training restarts", file=sys.stderr)
+        return None
+    if not isinstance(state, dict) or state.get("config") != config:
+        print(f"warning: {path}: checkpoint from a different config; training restarts", file=sys.stderr)
+        return None
+    return state
+
+
+def _epoch_means(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = rows[0].keys()
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.Split,
+               config_record: dict[str, Any]) -> tuple[torch.nn.Module, float, list[dict[str, float]]]:
+    from tqdm import tqdm
+
+    method = registry.get(cell.method)
+    info = datamod.dataset_info(cell.dataset)
+    torch.manual_seed(cell.seed)
+    model = method.build(info, cell.config).to(opts.device)
+    batches = datamod.TrainBatches(train_split, int(cell.config["batch_size"]),
+                                   method.augmentation(info, cell.config), cell.seed, opts.device)
+    recipe = method.recipe(model, info, cell.config, cell.eps, len(batches))
+
+    log: list[dict[str, float]] = []
+    start_epoch, train_s = 0, 0.0
+    ckpt_path = folder / CHECKPOINT
+    if ckpt_path.exists():
+        state = _load_checkpoint(ckpt_path, config_record)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            recipe.load_state_dict(state["recipe"])
+            log, start_epoch, train_s = list(state["log"]), int(state["epoch"]) + 1, float(state["train_s"])
+            print(f"  resuming {cell.label} after epoch {start_epoch}", file=sys.stderr)
+
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        rows: list[dict[str, float]] = []
+        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   unit="batch", leave=False, disable=not opts.progress)
+        for k, (x, y) in enumerate(bar):
+            rows.append(recipe.step(x, y, epoch, k))
+            last = rows[-1]
+            bar.set_postfix(loss=f"{last['loss']:.4f}", p=f"{last.get('p', math.nan):.4g}",
+                            lam=f"{last.get('lam', math.nan):.2e}", lr=f"{last.get('lr', math.nan):.2e}")
+        wall = time.perf_counter() - t0
+        train_s += wall
+        row = {"epoch": float(epoch), "wall_s": wall, "batches_per_s": len(batches) / wall, **_epoch_means(rows)}
+        log.append(row)
+        write_csv(folder / "train_log.csv", row.keys(), [[r[k] for k in row] for r in log])
+        _save(ckpt_path, {"config": config_record, "epoch": epoch, "model": model.state_dict(),
+                          "recipe": recipe.state_dict(), "log": log, "train_s": train_s})
+        if opts.progress:
+            print(f"  epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} acc {row.get('acc', math.nan):.3f} "
+                  f"p {row.get('p', math.nan):.4g} lr {row.get('lr', math.nan):.2e} ({wall:.1f}s)", file=sys.stderr)
+    return model, train_s, log
+
+
+def _save(path: Path, obj: Any) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> dict[str, Any]:
+    folder = cell_folder(cell, opts.out)
+    ensure_writable(folder)
+    method = registry.get(cell.method)
+    started = datetime.now(timezone.utc)
+    config_record = {
+        "cell": {"suite": cell.suite, "dataset": cell.dataset, "eps": format_eps(cell.eps), "method": cell.method,
+                 "scale": cell.scale.name, "seed": cell.seed},
+        "config": dump_config(cell.config),
+        "scale_config": cell.scale.as_dict(),
+    }
+    atomic_write_json(folder / "config.json", config_record)
+
+    train = splits[True]
+    if cell.scale.train_examples:
+        train = datamod.Split(train.images[: cell.scale.train_examples], train.labels[: cell.scale.train_examples])
+    model, train_s, _ = train_cell(cell, folder, opts, train, config_record)
+    method.deploy(model)
+    _save(folder / MODEL, model.state_dict())
+
+    ev = evaluate(method, model, splits[False], cell.scale.test_range, float(cell.eps), cell.scale.pgd_steps,
+                  cell.scale.pgd_restarts, cell.scale.eval_batch_size, opts.device, cell.seed, opts.certifier,
+                  progress=opts.progress)
+    write_csv(folder / "verdicts.csv", ["index", "label", "clean", "pgd", "certified", "verdict"], ev.rows())
+    finished = datetime.now(timezone.utc)
+    timings = {"train": train_s, **ev.timings_s}
+    timings["total"] = sum(timings.values())
+    record = {
+        "schema": SCHEMA_VERSION,
+        "status": "complete",
+        **config_record,
+        "metrics": ev.metrics(),
+        "counts": ev.counts(),
+        "n_examples": ev.n,
+        "index_range": list(cell.scale.test_range),
+        "certifier": ev.certifier,
+        "eps": {"test": format_eps(cell.eps), "train": str(cell.config.get("eps_train", format_eps(cell.eps)))},
+        "attack": {"name": "pgd", "steps": cell.scale.pgd_steps, "restarts": cell.scale.pgd_restarts,
+                   "step_size_over_eps": 0.25, "loss": "cross-entropy", "counted_broken": "any iterate"},
+        "provenance": {
+            "versions": versions(),
+            "device": opts.device.type,
+            "device_name": device_name(opts.device),
+            "threads": torch.get_num_threads(),
+            "host": platform.node(),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": finished.isoformat(timespec="seconds"),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        },
+        "files": {"verdicts": "verdicts.csv", "train_log": "train_log.csv", "model": MODEL, "config": "config.json"},
+    }
+    atomic_write_json(folder / "result.json", record)
+    (folder / CHECKPOINT).unlink(missing_ok=True)
+    return record
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0", "0-7" or "0,2,5" -> sorted unique seeds."""
+    seeds: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.partition("-")
+            seeds.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise BenchError(f"--seeds expects N, A-B or a comma list, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise BenchError("seeds must be non-negative")
+    return sorted(seeds)
+
+
+def select_cells(args: argparse.Namespace) -> tuple[Suite, list[Cell]]:
+    suite = load_suite(args.suite)
+    eps = [parse_eps(e) for e in args.eps] if args.eps else None
+    if eps:
+        unknown = [format_eps(e) for e in eps if e not in suite.eps]
+        if unknown:
+            print(f"note: ε {', '.join(unknown)} is not one of the suite's published values; "
+                  "method configs use their base (untuned) values there", file=sys.stderr)
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    return suite, suite.cells(args.scale, args.methods, eps, seeds, parse_overrides(args.set or []))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    suite, cells = select_cells(args)
+    out = Path(args.out)
+    states = {cell: cell_state(cell, out) for cell in cells}
+    if args.dry_run:
+        for cell in cells:
+            print(f"{states[cell]:8s} {cell.label}  -> {cell_folder(cell, out)}")
+        return 0
+    device = resolve_device(args.device)
+    ensure_writable(out)
+    todo = [c for c in cells if states[c] != "done"]
+    print(f"suite {suite.name} ({args.scale}): {len(cells)} cells, {len(cells) - len(todo)} done, "
+          f"{len(todo)} to run on {device_name(device)}", file=sys.stderr)
+    for cell in todo:
+        if states[cell] == "corrupt":
+            print(f"  {cell.label}: unreadable result file, re-running the cell", file=sys.stderr)
+    if todo:
+        root = datamod.data_dir(args.data_dir)
+        splits = {flag: datamod.load_split(suite.dataset, flag, root) for flag in (True, False)}
+        opts = RunOptions(out, root, device, args.certifier, not args.no_progress)
+        for i, cell in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {cell.label}", file=sys.stderr)
+            record = run_cell(cell, opts, splits)
+            m = record["metrics"]
+            print(f"  clean {m['clean']:.2%}  pgd {m['pgd']:.2%}  certified {m['certified']:.2%} "
+                  f"({record['certifier']}, {record['provenance']['timings_s']['total']:.0f}s)", file=sys.stderr)
+    _print_table(out, args.scale, suite.name)
+    return 0
+
+
+def _print_table(out: Path, scale: str, suite: str) -> None:
+    from bench.report import suite_table_markdown
+
+    print(suite_table_markdown(out, scale, suite))
+
+
+def register_verb(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="train, attack and certify the cells of a suite (resumes finished work)")
+    p.add_argument("--suite", required=True, help="suite name (see `python -m bench list`)")
+    p.add_argument("--scale", default="small", help="paper | small | smoke (default: small)")
+    p.add_argument("--methods", nargs="+", help="subset of the suite's methods")
+    p.add_argument("--eps", nargs="+", help="subset of ε values, e.g. 8/255 0.3")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--data-dir", help="dataset folder (default: $BENCH_DATA_DIR or ~/.cache/certbench/data)")
+    p.add_argument("--out", default="results", help="results root (default: results)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every cell (default 0)")
+    p.add_argument("--seeds", help="several seeds: N, A-B or a comma list (overrides --seed)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method config value")
+    p.add_argument("--certifier", help="verifier to certify with (default: the method's own)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_command)

@@ -1,0 +1,121 @@
+"""Bound propagation through a sequential model: IBP forward, CROWN backward, full-CROWN intermediates.
+
+Conventions: layer i maps the tensor "at position i" to the one at position i + 1; position 0 is the
+model input (pixel space) and position n the logits. A *box* at position i bounds every neuron there over
+the input box; IBP gives boxes at every position, full CROWN only where a ReLU needs them (its input).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from methods.base import MethodError
+from methods.bounds.layers import Box, BoundLayer, Normalization, ReLU, bound_layers
+
+CROWN_MAX_ELEMENTS = 4e9
+"""Refuse full CROWN when its backward passes would touch more coefficient entries than this per
+example (a proxy for time: DM-small on MNIST needs ~3e7, DM-large on CIFAR ~1e11)."""
+
+
+class BoundNet:
+    """A model as a list of bound rules, for one bound computation (rules hold per-batch state)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers: list[BoundLayer] = bound_layers(model)
+
+    @property
+    def relu_positions(self) -> list[int]:
+        """Positions of ReLU inputs (the layer index of each ReLU)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, ReLU)]
+
+    @property
+    def normalised_position(self) -> int:
+        """First position after the leading normalisation layers (where the reference codes' inputs live)."""
+        i = 0
+        while i < len(self.layers) and isinstance(self.layers[i], Normalization):
+            i += 1
+        return i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The clean pass; records every layer's input shape and training-mode BatchNorm statistics."""
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def interval_boxes(self, lower: torch.Tensor, upper: torch.Tensor) -> list[Box]:
+        """IBP boxes at positions 0 .. n−1 (the last layer is left to ``interval_spec``)."""
+        boxes = [(lower, upper)]
+        for layer in self.layers[:-1]:
+            boxes.append(layer.propagate_interval(*boxes[-1]))
+        return boxes
+
+    def ibp_spec(self, boxes: list[Box], spec: torch.Tensor) -> torch.Tensor:
+        """IBP lower bounds (B, S) of spec (B, S, K) @ logits, the spec merged into the last layer."""
+        return self.layers[-1].interval_spec(*boxes[-1], spec)
+
+    def backward(self, lam: torch.Tensor, position: int, relu_boxes: Mapping[int, Box], x_box: Box) -> torch.Tensor:
+        """CROWN lower bounds (B, S) of lam (B, S, *shape at ``position``) · z over the input box.
+
+        ``relu_boxes[i]`` must bound the input of every ReLU at a position i < ``position``.
+        """
+        offset = lam.new_zeros(lam.shape[:2])
+        for i in range(position - 1, -1, -1):
+            box = relu_boxes.get(i, (None, None))
+            lam, step = self.layers[i].backward(lam, *box)
+            offset = offset + step
+        x_lower, x_upper = x_box
+        centre = ((x_upper + x_lower) / 2).flatten(1).unsqueeze(1)
+        radius = ((x_upper - x_lower) / 2).flatten(1).unsqueeze(1)
+        flat = lam.flatten(2)
+        return (flat * centre).sum(dim=2) - (flat.abs() * radius).sum(dim=2) + offset
+
+    def crown_relu_boxes(self, x_box: Box, memory_bytes: int) -> dict[int, Box]:
+        """Full CROWN: the box of every ReLU input from a backward pass over ±identity rows, in order,
+        each pass using the relaxations of the ReLUs below. Rows are processed in blocks so the
+        coefficients of one block stay within ``memory_bytes``; needs a prior ``forward`` (shapes)."""
+        self._check_crown_cost()
+        batch = x_box[0].shape[0]
+        itemsize = x_box[0].element_size()
+        boxes: dict[int, Box] = {}
+        for k in self.relu_positions:
+            shape = self._shape(k)
+            n = math.prod(shape)
+            widest = max(math.prod(self._shape(i)) for i in range(k + 1))
+            # ~4 live tensors of the coefficients' size during a backward step (lam, its two parts, result).
+            rows = max(1, min(n, memory_bytes // max(1, 4 * 2 * batch * widest * itemsize)))
+            lowers, uppers = [], []
+            for start in range(0, n, rows):
+                stop = min(n, start + rows)
+                eye = _identity_rows(n, start, stop, x_box[0])
+                lam = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, -1, -1).reshape(batch, -1, *shape)
+                bound = self.backward(lam, k, boxes, x_box)
+                lowers.append(bound[:, : stop - start])
+                uppers.append(-bound[:, stop - start :])
+            boxes[k] = (torch.cat(lowers, dim=1).reshape(batch, *shape), torch.cat(uppers, dim=1).reshape(batch, *shape))
+        return boxes
+
+    def _shape(self, position: int) -> torch.Size:
+        shape = self.layers[position].in_shape
+        if shape is None:
+            raise MethodError("layer shapes are unknown: run a forward pass first")
+        return shape
+
+    def _check_crown_cost(self) -> None:
+        widths = [math.prod(self._shape(i)) for i in range(len(self.layers))]
+        cost = sum(2 * widths[k] * sum(widths[: k + 1]) for k in self.relu_positions)
+        if cost > CROWN_MAX_ELEMENTS:
+            raise MethodError(
+                f"full CROWN on this model would touch ~{cost:.1e} coefficients per example "
+                f"(limit {CROWN_MAX_ELEMENTS:.0e}); use 'crown-ibp' or 'ibp'"
+            )
+
+
+def _identity_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows start..stop−1 of the n×n identity, without building the whole matrix."""
+    rows = like.new_zeros(stop - start, n)
+    index = torch.arange(stop - start, device=like.device)
+    rows[index, index + start] = 1
+    return rows
