@@ -69,7 +69,10 @@ class Split:
         return int(self.labels.shape[0])
 
 
-def _writable(path: Path) -> bool:
+def _may_download(path: Path) -> bool:
+    """Download only into a writable folder, and never when ``BENCH_OFFLINE=1`` (tests, air-gapped CI)."""
+    if os.environ.get("BENCH_OFFLINE") == "1":
+        return False
     probe = path if path.exists() else path.parent
     return os.access(probe, os.W_OK)
 
@@ -85,21 +88,23 @@ def _missing(name: str, root: Path, why: str) -> BenchError:
 def _torchvision_dataset(name: str, root: Path, train: bool):  # type: ignore[no-untyped-def]
     from torchvision import datasets
 
-    try:
-        if name == "cifar10":
-            present = (root / "cifar-10-batches-py" / "test_batch").is_file()
-            download = not present and _writable(root)
-            return datasets.CIFAR10(str(root), train=train, download=download)
-        raw = root / "MNIST" / "raw"
-        extracted = (raw / "t10k-labels-idx1-ubyte").is_file()
-        if not extracted and not _writable(root) and all((root / f).is_file() for f in EXPECTED_FILES["mnist"]):
+    if name == "cifar10":
+        download = not (root / "cifar-10-batches-py" / "test_batch").is_file() and _may_download(root)
+        build = lambda: datasets.CIFAR10(str(root), train=train, download=download)  # noqa: E731
+    else:
+        extracted = (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+        if not extracted and not _may_download(root) and all((root / f).is_file() for f in EXPECTED_FILES["mnist"]):
             root = _extract_copy(root)
-        return datasets.MNIST(str(root), train=train, download=not extracted and _writable(root))
-    except BenchError:
-        raise
-    except Exception as exc:  # torchvision raises RuntimeError / URLError / OSError variants offline
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise _missing(name, root, first[:120]) from None
+        download = not extracted and _may_download(root)
+        build = lambda: datasets.MNIST(str(root), train=train, download=download)  # noqa: E731
+    try:
+        return build()
+    except Exception as exc:  # torchvision raises RuntimeError / URLError / OSError variants
+        if not download:
+            raise _missing(name, root, "files not found; downloading is off for a read-only folder or "
+                                       "with BENCH_OFFLINE=1") from None
+        lines = str(exc).strip().splitlines()
+        raise _missing(name, root, f"download failed: {lines[-1][:100] if lines else type(exc).__name__}") from None
 
 
 def _extract_copy(root: Path) -> Path:

@@ -22,14 +22,13 @@ from bench.data import DISPLAY_NAMES
 from bench.errors import BenchError
 from bench.reference import card_rows, load_note_marks, load_table2
 from bench.report import plots, render
-from bench.report.records import Run, find_suites, read_runs, read_train_log, report_problems
+from bench.report.records import DEFAULT_RESULTS, Run, find_suites, read_runs, read_train_log, report_problems
 from bench.report.table import Stat, TableRow, build_rows, display_eps, display_frame, header_line, numeric_frame
 from bench.store import atomic_write_bytes, atomic_write_text, eps_slug, write_csv
 from methods.base import MethodCard, ReferenceRow
 
 FORMATS = ("md", "csv", "tex", "html")
 FIGURES_DIR = "figures"
-DEFAULT_RESULTS = Path("results")
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def write_suite_report(results_root: Path, scale: str, suite: str, formats: Sequ
 def _write_figures(report: SuiteReport, out: Path, cards: Mapping[str, MethodCard],
                    reference: Sequence[ReferenceRow]) -> list[render.FigureFile]:
     """Write every figure of the suite and remove figures of cells that no longer have results."""
-    made: list[tuple[str, str, tuple[bytes, list[str], plots.Rows]]] = []
+    made: list[tuple[str, str, plots.Plot]] = []
     by_dataset: dict[str, list[Run]] = defaultdict(list)
     for run in report.runs:
         by_dataset[run.dataset].append(run)

@@ -24,11 +24,13 @@ CURVES = {
     "train_certified": "train certified accuracy",
     "p": "p (ℓp-distance exponent)",
     "lam": "λ (loss mixture)",
-    "eps": "training ε",
+    "eps": "training ε (recipe units)",
     "lr": "learning rate",
 }
 """Per-epoch log columns drawn in training figures, in panel order; a cell's log may hold any subset."""
 Rows = list[list[object]]
+Plot = tuple[bytes, list[str], Rows]
+"""A figure as PNG bytes, with the header and rows of the data drawn in it."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Series:
     points: tuple[Point, ...]
 
 
-def certified_vs_eps(series: Sequence[Series], title: str) -> tuple[bytes, list[str], Rows]:
+def certified_vs_eps(series: Sequence[Series], title: str) -> Plot:
     """Our curves (median with min–max bars) over the paper's points; returns PNG bytes and the data."""
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     ax = fig.add_subplot()
@@ -78,14 +80,17 @@ def certified_vs_eps(series: Sequence[Series], title: str) -> tuple[bytes, list[
     return _png(fig), header, rows
 
 
-def training_curves(logs: Mapping[int, Sequence[Mapping[str, float]]], title: str) -> tuple[bytes, list[str], Rows] | None:
+def training_curves(logs: Mapping[int, Sequence[Mapping[str, float]]], title: str) -> Plot | None:
     """One panel per logged ``CURVES`` column over epochs, one line per seed; ``None`` when nothing is logged."""
     keys = [k for k in CURVES if any(k in row for log in logs.values() for row in log)]
     if not keys:
         return None
     cols = 2 if len(keys) > 1 else 1
     nrows = math.ceil(len(keys) / cols)
-    fig = Figure(figsize=(4.0 * cols, 2.6 * nrows + 0.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(4.0 * cols, 2.4 * nrows + 0.6), dpi=100)
+    # Fixed margins: automatic layout engines cost more than the drawing itself, and the panels are alike.
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.6 / (2.4 * nrows + 0.6), top=1 - 0.75 / (2.4 * nrows + 0.6),
+                        wspace=0.3, hspace=0.55)
     fig.suptitle(title)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(nrows, cols, i + 1)

@@ -17,6 +17,8 @@ from bench.errors import BenchError
 from bench.store import RESULT_FILE, LoadedResult, eps_slug, iter_results, parse_eps, read_csv
 
 TRAIN_LOG = "train_log.csv"
+DEFAULT_RESULTS = Path("results")
+"""The results root the CLI verbs read by default (``bench run --out`` writes there by default)."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,10 @@ def read_train_log(folder: Path) -> list[dict[str, float]]:
 
 
 def _float(text: str | None) -> float | None:
+    """A logged number, or ``None`` for blanks and non-finite values (p = ∞ cannot be drawn)."""
     try:
-        value = float(text) if text is not None else math.nan
-    except ValueError:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
 

@@ -55,6 +55,8 @@ class TableRow:
     certified: Stat | None
     delta: float | None
     """Our median certified accuracy minus that of the paper row our method reproduces (fraction)."""
+    method_id: str = ""
+    """The registered method behind our row (empty for published rows)."""
     seeds: tuple[int, ...] = ()
     certifier: str = ""
     n_examples: str = ""
@@ -62,7 +64,8 @@ class TableRow:
     """Median wall time of one run in seconds (train + evaluate)."""
 
 
-def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow], cards: Mapping[str, MethodCard]) -> list[TableRow]:
+def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow],
+               cards: Mapping[str, MethodCard]) -> list[TableRow]:
     """The table of the runs' (dataset, ε) groups, sorted by dataset id and ε."""
     cells: dict[tuple[str, Fraction, str], list[Run]] = defaultdict(list)
     for run in runs:
@@ -105,7 +108,8 @@ def _our_row(label: str, method: str, runs: list[Run], paper: ReferenceRow | Non
     return TableRow(
         ours=True, dataset=runs[0].dataset, eps=runs[0].eps, method=label, reference=f"ours ({method}, {who})",
         notes="", clean=stats["clean"], pgd=stats["pgd"], certified=stats["certified"], delta=delta,
-        seeds=seeds, certifier=_joined(r.certifier for r in runs), n_examples=_joined(str(r.n_examples) for r in runs),
+        method_id=method, seeds=seeds, certifier=_joined(r.certifier for r in runs),
+        n_examples=_joined(str(r.n_examples) for r in runs),
         wall_s=statistics.median(r.wall_s for r in runs),
     )
 
@@ -134,7 +138,8 @@ def stat_text(stat: Stat | None) -> str:
 
 
 def delta_text(delta: float | None) -> str:
-    return "" if delta is None else f"{100 * delta:+.2f}"
+    # A true minus sign, as typeset in papers (LaTeX output turns it into $-$).
+    return "" if delta is None else f"{100 * delta:+.2f}".replace("-", "−")
 
 
 def duration_text(seconds: float | None) -> str:
@@ -183,7 +188,8 @@ def numeric_frame(rows: Sequence[TableRow], scale: str, suite: str) -> pd.DataFr
     for row in rows:
         record: dict[str, object] = {
             "scale": scale, "suite": suite, "row": "ours" if row.ours else "paper", "dataset": row.dataset,
-            "eps": format_eps(row.eps), "method": row.method, "reference": row.reference, "notes": row.notes,
+            "eps": format_eps(row.eps), "method": row.method, "method_id": row.method_id, "reference": row.reference,
+            "notes": row.notes,
         }
         for metric in METRICS:
             stat: Stat | None = getattr(row, metric)

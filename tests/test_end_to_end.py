@@ -1,0 +1,111 @@
+"""End to end on real MNIST: every registered method trains a smoke cell and writes a sound result.
+
+One smoke cell per method is run once per session (the registry is the list, so a new method is tested
+by being registered). The ℓ∞-dist cell then serves the soundness and resume checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+from bench.attacks import pgd_robust, random_robust
+from bench.cli import main
+from bench.data import load_split, to_pixels
+from bench.store import load_result
+from methods import base as registry
+
+EPS = "1/10"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    code = main(["run", "--suite", "mnist", "--scale", "smoke", "--eps", EPS, "--data-dir", str(data_dir),
+                 "--out", str(out), "--no-progress", "--methods", *registry.list_methods()])
+    assert code == 0
+    return out
+
+
+def cell(out: Path, method: str) -> Path:
+    return out / "smoke" / "mnist" / "mnist" / "eps_1-10" / method / "seed0"
+
+
+@pytest.mark.parametrize("method", registry.list_methods())
+def test_smoke_cell_writes_a_consistent_result(smoke_results: Path, method: str) -> None:
+    folder = cell(smoke_results, method)
+    record = load_result(folder / "result.json").record
+    m = record["metrics"]
+    assert m["clean"] >= m["pgd"] >= m["certified"]
+    assert record["n_examples"] == 200 and record["index_range"] == [0, 200]
+    assert record["certifier"] in registry.get(method).certifiers
+    assert record["eps"]["test"] == EPS
+    assert {"train", "clean", "pgd", "certify"} <= set(record["provenance"]["timings_s"])
+    assert record["provenance"]["versions"]["torch"] == torch.__version__
+    verdicts = (folder / "verdicts.csv").read_text().splitlines()
+    assert verdicts[0] == "index,label,clean,pgd,certified,verdict" and len(verdicts) == 201
+    certified = sum(line.split(",")[4] == "1" for line in verdicts[1:])
+    assert certified == record["counts"]["certified"]
+    assert json.loads((folder / "config.json").read_text())["cell"]["method"] == method
+
+
+def test_rerun_skips_finished_cells(smoke_results: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = cell(smoke_results, "linf-dist") / "result.json"
+    before = result.read_bytes()
+    assert main(["run", "--suite", "mnist", "--scale", "smoke", "--eps", EPS, "--methods", "linf-dist",
+                 "--data-dir", str(data_dir), "--out", str(smoke_results), "--no-progress"]) == 0
+    assert "0 to run" in capsys.readouterr().err
+    assert result.read_bytes() == before
+
+
+@pytest.fixture(scope="session")
+def deployed(smoke_results: Path, data_dir: Path):
+    folder = cell(smoke_results, "linf-dist")
+    model = bench.load_model(folder)
+    split = load_split("mnist", False, data_dir)
+    x, y = to_pixels(split.images[:200], torch.device("cpu")), split.labels[:200]
+    return model, x, y
+
+
+def test_loaded_model_is_deployed_and_reproduces_the_record(deployed, smoke_results: Path) -> None:
+    model, x, y = deployed
+    assert not model.training
+    assert all(math.isinf(m.p) for m in model.modules() if hasattr(m, "p"))
+    record = load_result(cell(smoke_results, "linf-dist") / "result.json").record
+    with torch.no_grad():
+        clean = (model(x).argmax(dim=1) == y).float().mean().item()
+    assert clean == pytest.approx(record["metrics"]["clean"])
+
+
+def test_certified_points_survive_pgd_restarts_and_random_sampling(deployed) -> None:
+    model, x, y = deployed
+    method = registry.get("linf-dist")
+    eps = 0.1
+    certified = method.certify(model, x, y, eps).certified
+    assert certified.sum() >= 5, "the smoke model should certify some points for this test to mean anything"
+    xc, yc = x[certified], y[certified]
+    gen = torch.Generator().manual_seed(0)
+    assert pgd_robust(model, xc, yc, eps, steps=50, restarts=5, generator=gen).all()
+    assert random_robust(model, xc, yc, eps, samples=1000, generator=gen).all()
+    # The attacks are not toothless: they do break uncertified points at a larger radius.
+    assert not pgd_robust(model, x, y, 0.3, steps=50, restarts=2, generator=gen).all()
+
+
+def test_interval_bounds_contain_sampled_margins(deployed) -> None:
+    model, x, y = deployed
+    method = registry.get("linf-dist")
+    eps = 0.1
+    xs, ys = x[:20], y[:20]
+    lower, upper = (xs - eps).clamp(0, 1), (xs + eps).clamp(0, 1)
+    with torch.no_grad():
+        bounds = method.margin_lower_bounds(model, lower, upper, ys)
+        for _ in range(100):
+            logits = model(lower + torch.rand_like(xs) * (upper - lower))
+            margins = (logits.gather(1, ys[:, None]) - logits).scatter(1, ys[:, None], math.inf)
+            assert (margins >= bounds - 1e-5).all()
