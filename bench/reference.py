@@ -8,6 +8,7 @@ the paper; the rows returned here hold fractions in [0, 1] like every other accu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from bench.errors import BenchError
 from bench.store import parse_eps, read_csv
@@ -49,7 +50,7 @@ def load_note_marks(folder: Path = REFERENCE_DIR) -> dict[str, str]:
     return {raw["mark"]: raw["meaning"] for _, raw in _read(folder / NOTES_FILE, ("mark", "meaning"))}
 
 
-def card_rows(card: MethodCard, rows: list[ReferenceRow]) -> list[ReferenceRow]:
+def card_rows(card: MethodCard, rows: Sequence[ReferenceRow]) -> list[ReferenceRow]:
     """The published rows a method card says its method reproduces (one per dataset and ε)."""
     return [r for r in rows if r.label == card.reference_label and r.source == card.reference_source]
 

@@ -59,10 +59,13 @@ class Comparison:
         return None if self.now is None else self.now - self.baseline
 
     def status(self, tolerance: float) -> str:
+        """MISSING and REGRESSED fail the check; "improved" (beyond the tolerance) hints at ``--update``."""
         if self.now is None:
             return "MISSING"
-        # The small slack keeps a drop of exactly the tolerance from failing on float rounding.
-        return "REGRESSED" if self.now < self.baseline - tolerance - 1e-9 else "ok"
+        # The small slack keeps a change of exactly the tolerance from counting, whatever the float rounding.
+        if self.now < self.baseline - tolerance - 1e-9:
+            return "REGRESSED"
+        return "improved" if self.now > self.baseline + tolerance + 1e-9 else "ok"
 
 
 def load_baseline(path: Path) -> Baseline:
@@ -165,7 +168,12 @@ def update_command(args: argparse.Namespace) -> int:
         raise BenchError(f"no finished results under {args.results} for the chosen scale/suite; nothing to record")
     spread_runs = runs if args.spread_from is None else _selected(_read(Path(args.spread_from)), args.scale,
                                                                     args.suite)
-    previous = load_baseline(path).tolerance if path.exists() else None
+    previous = None
+    if path.exists():
+        try:
+            previous = load_baseline(path).tolerance
+        except BenchError as exc:
+            print(f"note: replacing an unusable baseline ({exc})", file=sys.stderr)
     tolerance = None if args.tolerance is None else _tolerance(args.tolerance, "--tolerance")
     record = baseline_record(runs, measure_spread(spread_runs), tolerance, previous)
     atomic_write_json(path, record)
@@ -192,7 +200,7 @@ def check_command(args: argparse.Namespace) -> int:
     new = [r.key for r in runs if (r.scale, r.suite) in gated_suites and r.key not in baseline.cells]
     if new:
         print(f"not in the baseline (add with --update): {', '.join(new)}", file=sys.stderr)
-    failed = [c for c in rows if c.status(tolerance) != "ok"]
+    failed = [c for c in rows if c.status(tolerance) in ("MISSING", "REGRESSED")]
     if failed:
         missing = len({c.cell for c in failed if c.now is None})
         lower = len({c.cell for c in failed if c.now is not None})

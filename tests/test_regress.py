@@ -37,10 +37,10 @@ def _check(baseline: Path, results: Path, *extra: str) -> int:
     return main(["check", "--baseline", str(baseline), "--results", str(results), *extra])
 
 
-def _lower(results: Path, cell: str, metric: str, by: float) -> None:
+def _shift(results: Path, cell: str, metric: str, by: float) -> None:
     path = results / cell / "result.json"
     record = json.loads(path.read_text())
-    record["metrics"][metric] = round(record["metrics"][metric] - by, 6)
+    record["metrics"][metric] = round(record["metrics"][metric] + by, 6)
     path.write_text(json.dumps(record))
 
 
@@ -64,7 +64,7 @@ def test_check_passes_on_its_baseline(baseline: Path, results: Path, capsys: pyt
 
 def test_check_fails_when_a_cell_drops_more_than_the_tolerance(baseline: Path, results: Path,
                                                                capsys: pytest.CaptureFixture[str]):
-    _lower(results, CELL, "certified", 0.06)
+    _shift(results, CELL, "certified", -0.06)
     assert _check(baseline, results) == 1
     captured = capsys.readouterr()
     line = next(line for line in captured.out.splitlines() if line.startswith(CELL) and "certified" in line)
@@ -73,9 +73,15 @@ def test_check_fails_when_a_cell_drops_more_than_the_tolerance(baseline: Path, r
 
 
 def test_a_drop_within_the_tolerance_passes_unless_the_flag_tightens_it(baseline: Path, results: Path):
-    _lower(results, CELL, "clean", 0.04)
+    _shift(results, CELL, "clean", -0.04)
     assert _check(baseline, results) == 0
     assert _check(baseline, results, "--tolerance", "0.01") == 1
+
+
+def test_improvements_pass_and_are_marked(baseline: Path, results: Path, capsys: pytest.CaptureFixture[str]):
+    _shift(results, CELL, "certified", +0.1)
+    assert _check(baseline, results) == 0
+    assert any(line.startswith(CELL) and line.endswith("improved") for line in capsys.readouterr().out.splitlines())
 
 
 def test_missing_or_corrupt_cells_fail(baseline: Path, results: Path, capsys: pytest.CaptureFixture[str]):

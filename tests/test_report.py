@@ -139,15 +139,15 @@ def test_training_figures_hold_the_logged_curves(reported: Path):
 
 
 def test_cli_writes_chosen_formats_and_drops_figures_of_removed_cells(tmp_path: Path):
-    shutil.copytree(FIXTURES / "smoke" / "mnist", tmp_path / "smoke" / "mnist")
-    figures = tmp_path / "smoke" / "mnist" / "figures"
-    figures.mkdir()
-    (figures / "train_mnist_eps_1-10_gone.png").write_bytes(b"old")
-    assert main(["report", "--results", str(tmp_path), "--suite", "mnist", "--format", "md"]) == 0
-    out = tmp_path / "smoke" / "mnist"
-    assert sorted(p.name for p in out.glob("report.*")) == ["report.md"]
-    assert not (figures / "train_mnist_eps_1-10_gone.png").exists()
-    assert (figures / "certified_vs_eps_mnist.png").is_file()
+    out = tmp_path / "smoke" / "cifar10"
+    shutil.copytree(FIXTURES / "smoke" / "cifar10", out)
+    (out / "figures").mkdir()
+    (out / "figures" / "train_cifar10_eps_2-255_gone.png").write_bytes(b"old")
+    assert main(["report", "--results", str(tmp_path), "--suite", "cifar10", "--format", "md,csv"]) == 0
+    assert sorted(p.name for p in out.glob("report.*")) == ["report.csv", "report.md"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "certified_vs_eps_cifar10.csv", "certified_vs_eps_cifar10.png",
+        "train_cifar10_eps_8-255_linf-dist.csv", "train_cifar10_eps_8-255_linf-dist.png"]
 
 
 def test_cli_rejects_unknown_format_and_missing_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

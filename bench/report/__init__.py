@@ -42,6 +42,8 @@ class SuiteReport:
     header: str
     legend: str
     frame: pd.DataFrame
+    cards: Mapping[str, MethodCard]
+    reference: Sequence[ReferenceRow]
 
     @property
     def title(self) -> str:
@@ -74,7 +76,7 @@ def build_suite_report(results_root: Path, scale: str, suite: str, cards: Mappin
     note_marks = load_note_marks()
     rows = build_rows(runs, reference, cards)
     return SuiteReport(scale, suite, runs, rows, header_line(runs, scale, suite),
-                       render.legend_line(rows, note_marks), display_frame(rows, note_marks))
+                       render.legend_line(rows, note_marks), display_frame(rows, note_marks), cards, reference)
 
 
 def suite_table_markdown(results_root: Path, scale: str, suite: str) -> str:
@@ -86,11 +88,9 @@ def write_suite_report(results_root: Path, scale: str, suite: str, formats: Sequ
                        cards: Mapping[str, MethodCard] | None = None,
                        reference: Sequence[ReferenceRow] | None = None) -> tuple[SuiteReport, list[Path]]:
     """Build the suite's report and write the requested formats and all figures; returns the files written."""
-    reference = load_table2() if reference is None else reference
-    cards = registered_cards() if cards is None else cards
     report = build_suite_report(results_root, scale, suite, cards, reference)
     out = results_root / scale / suite
-    figures = _write_figures(report, out, cards, reference)
+    figures = _write_figures(report, out)
     texts = {
         "md": lambda: render.markdown_page(report.title, report.markdown, figures),
         "csv": lambda: render.csv_text(numeric_frame(report.rows, scale, suite)),
@@ -106,8 +106,7 @@ def write_suite_report(results_root: Path, scale: str, suite: str, formats: Sequ
     return report, written
 
 
-def _write_figures(report: SuiteReport, out: Path, cards: Mapping[str, MethodCard],
-                   reference: Sequence[ReferenceRow]) -> list[render.FigureFile]:
+def _write_figures(report: SuiteReport, out: Path) -> list[render.FigureFile]:
     """Write every figure of the suite and remove figures of cells that no longer have results."""
     made: list[tuple[str, str, plots.Plot]] = []
     by_dataset: dict[str, list[Run]] = defaultdict(list)
@@ -116,7 +115,7 @@ def _write_figures(report: SuiteReport, out: Path, cards: Mapping[str, MethodCar
     for dataset, runs in sorted(by_dataset.items()):
         name = DISPLAY_NAMES.get(dataset, dataset)
         made.append((f"certified_vs_eps_{dataset}", f"Certified accuracy vs ε, {name} ({report.scale})",
-                     plots.certified_vs_eps(_eps_series(dataset, runs, cards, reference), f"{name}, {report.scale}")))
+                     plots.certified_vs_eps(_eps_series(dataset, runs, report), f"{name}, {report.scale}")))
     cells: dict[str, list[Run]] = defaultdict(list)
     for run in report.runs:
         cells[run.group].append(run)
@@ -141,8 +140,7 @@ def _write_figures(report: SuiteReport, out: Path, cards: Mapping[str, MethodCar
     return figures
 
 
-def _eps_series(dataset: str, runs: Sequence[Run], cards: Mapping[str, MethodCard],
-                reference: Sequence[ReferenceRow]) -> list[plots.Series]:
+def _eps_series(dataset: str, runs: Sequence[Run], report: SuiteReport) -> list[plots.Series]:
     """Our certified accuracy per method over ε, and the published points of the row each method reproduces."""
     by_method: dict[str, dict[Fraction, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -154,8 +152,8 @@ def _eps_series(dataset: str, runs: Sequence[Run], cards: Mapping[str, MethodCar
             stat = Stat.of(values)
             points.append(plots.Point(eps, stat.median, stat.low, stat.high))
         series.append(plots.Series(f"ours: {method}", "ours", method, tuple(points)))
-        if method in cards:
-            published = sorted((r for r in card_rows(cards[method], list(reference))
+        if method in report.cards:
+            published = sorted((r for r in card_rows(report.cards[method], report.reference)
                                 if r.dataset == dataset and r.certified is not None), key=lambda r: r.eps)
             if published:
                 paper_points = tuple(plots.Point(r.eps, r.certified, r.certified, r.certified) for r in published)

@@ -70,22 +70,21 @@ def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow],
     cells: dict[tuple[str, Fraction, str], list[Run]] = defaultdict(list)
     for run in runs:
         cells[(run.dataset, run.eps, run.method)].append(run)
-    reproduced = {name: card_rows(card, list(reference)) for name, card in cards.items()}
+    reproduced = {name: card_rows(card, reference) for name, card in cards.items()}
 
     rows: list[TableRow] = []
     for dataset, eps in sorted({(d, e) for d, e, _ in cells}):
         published = [r for r in reference if r.dataset == dataset and r.eps == eps]
         ours = sorted((method, group) for (d, e, method), group in cells.items() if (d, e) == (dataset, eps))
-        placed: dict[int, list[TableRow]] = defaultdict(list)
+        placed: dict[int | None, list[TableRow]] = defaultdict(list)
         for method, group in ours:
             target = next((i for i, r in enumerate(published) if r in reproduced.get(method, [])), None)
             label = cards[method].reference_label if method in cards else method
-            placed[-1 if target is None else target].append(
-                _our_row(label, method, group, published[target] if target is not None else None))
+            placed[target].append(_our_row(label, method, group, None if target is None else published[target]))
         for i, paper in enumerate(published):
             rows.append(_paper_row(paper))
             rows.extend(placed[i])
-        rows.extend(placed[-1])
+        rows.extend(placed[None])
     return rows
 
 

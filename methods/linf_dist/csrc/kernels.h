@@ -74,10 +74,26 @@ void for_tiles(int64_t B, int64_t N, int64_t n, const Tile& tile) {
 // ---------------------------------------------------------------------------------------------------
 // p = inf: max |x - w| with the first arg-max.
 //
-// The arg-max is tracked per lane and per chunk of KCH vectors: after each chunk the per-lane chunk
-// maximum is merged into a running maximum with a strict '>' and the chunk number recorded. At the end
-// the minimum recorded chunk among the lanes that hold the global maximum contains the first maximiser;
-// only those lanes of that chunk are scanned (exact equality: the same subtraction and |.| are redone).
+// With the arg-max, the per-lane maximum of every chunk of KCH vectors is stored (one store per pair and
+// chunk, to a small per-thread buffer). At the end: y = max over everything; the first chunk holding y in
+// some lane contains the first maximiser; only that chunk is rescanned, restricted to the lanes that reach
+// y there (exact equality: the same subtraction and |.| are redone on the same floats).
+inline float* chunk_scratch(size_t nfloats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < nfloats + W) buf.resize(nfloats + W);
+  return buf.data();
+}
+
+static inline uint32_t lane_bits(vi m) {
+#if CB_VEC_WIDTH == 8 && defined(__AVX__)
+  return uint32_t(_mm256_movemask_ps((__m256)m));
+#else
+  uint32_t r = 0;
+  for (int k = 0; k < W; ++k) r |= (m[k] ? 1u : 0u) << k;
+  return r;
+#endif
+}
+
 template <bool IDX>
 struct LinfTile {
   const float* x;
@@ -113,52 +129,47 @@ struct LinfTile {
         for (int c = 0; c < C; ++c) y[(b + r) * N + o + c] = hmax(acc[r][c]);
       return;
     }
-    vf runmax[R][C];
-    vi runch[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) {
-        runmax[r][c] = splat(-1.f);
-        runch[r][c] = splati(0);
-      }
-    int32_t ch = 0;
-    for (int64_t s0 = 0; s0 < nsteps; s0 += KCH, ++ch) {
+    const int64_t nch = (nsteps + KCH - 1) / KCH;
+    float* cm = chunk_scratch(size_t(nch) * R * C * W);  // [chunk][r][c] lane maxima
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int64_t s0 = ch * KCH;
       vf acc[R][C];
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = splat(0.f);
       const int64_t s1 = std::min<int64_t>(s0 + KCH, nv);
       for (int64_t s = s0; s < s1; ++s) step<R, C, false>(acc, xp, wp, n, s * W, 0);
       if (tail && nv >= s0 && nv < s0 + KCH) step<R, C, true>(acc, xp, wp, n, nv * W, tail);
-      const vi chv = splati(ch);
       for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) {
-          const vi gt = acc[r][c] > runmax[r][c];
-          runmax[r][c] = vsel(gt, acc[r][c], runmax[r][c]);
-          runch[r][c] = gt ? chv : runch[r][c];
-        }
+        for (int c = 0; c < C; ++c) st(cm + ((ch * R + r) * C + c) * W, acc[r][c]);
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) {
-        const float m = hmax(runmax[r][c]);
-        int32_t cmin = INT32_MAX;
-        for (int l = 0; l < W; ++l)
-          if (runmax[r][c][l] == m && runch[r][c][l] < cmin) cmin = runch[r][c][l];
+        vf mv = splat(0.f);
+        for (int64_t ch = 0; ch < nch; ++ch) mv = vmax(mv, ld(cm + ((ch * R + r) * C + c) * W));
+        const float m = hmax(mv);
+        const vf mm = splat(m);
+        int64_t ch = 0;
         uint32_t lanes = 0;
-        for (int l = 0; l < W; ++l)
-          if (runmax[r][c][l] == m && runch[r][c][l] == cmin) lanes |= 1u << l;
+        for (; ch < nch; ++ch) {
+          lanes = lane_bits(ld(cm + ((ch * R + r) * C + c) * W) == mm);
+          if (lanes) break;
+        }
         const float* xr = xp + r * n;
         const float* wr = wp + c * n;
         int64_t found = -1;
-        const int64_t se = std::min<int64_t>(int64_t(cmin) * KCH + KCH, nsteps);
-        for (int64_t s = int64_t(cmin) * KCH; s < se && found < 0; ++s)
-          for (int l = 0; l < W; ++l) {
-            const int64_t i = s * W + l;
-            if ((lanes >> l & 1u) && i < n && std::fabs(xr[i] - wr[i]) == m) {
-              found = i;
-              break;
-            }
+        const int64_t se = std::min<int64_t>(ch * KCH + KCH, nsteps);
+        for (int64_t s = ch * KCH; s < se; ++s) {
+          const int64_t i0 = s * W;
+          const vf xv = s < nv ? ld(xr + i0) : ld_part(xr + i0, tail, 0.f);
+          const vf wv = s < nv ? ld(wr + i0) : ld_part(wr + i0, tail, 0.f);
+          const uint32_t hit = lane_bits(vabs(xv - wv) == mm) & lanes;
+          if (hit) {
+            found = i0 + __builtin_ctz(hit);
+            break;
           }
+        }
         y[(b + r) * N + o + c] = m;
-        idx[(b + r) * N + o + c] = found < 0 ? 0 : found;  // always found for finite inputs
+        idx[(b + r) * N + o + c] = (found < 0 || found >= n) ? 0 : found;  // always found for finite inputs
       }
   }
 };
@@ -459,12 +470,13 @@ void bwd_chunks(const float* x, const float* w, const float* g, const float* zb,
           if (zs < 0.f) {  // double-precision path for pairs whose y is outside [2^-100, 2^100]
             const double yv = y[b * N + o];
             const double av = ab ? ab[b * N + o] : 0.0;
+            float tmp[K * W] = {};  // (acc stays in registers: no dynamic lane indexing on it)
             for (int i = 0; i < len; ++i) {
               const double d = double(xr[i]) - double(wr[i]);
-              const float cg = float(double(gs) * coef.scalar(d, yv, av));
-              acc[i / W][i % W] += cg;
-              if (NW) gwr[i] -= cg;
+              tmp[i] = float(double(gs) * coef.scalar(d, yv, av));
+              if (NW) gwr[i] -= tmp[i];
             }
+            for (int k = 0; k < K; ++k) acc[k] += ld(tmp + k * W);
             continue;
           }
           PairParams q;
@@ -645,7 +657,9 @@ inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, i
   });
 }
 
-// zb, ab: (B, N) scratch. gx / gw may be null (not needed); gw must be zeroed by the caller.
+inline bool needs_offsets(double p) { return !small_int_p(p) && p > PRECISE_P; }
+
+// zb, ab: (B, N) scratch (ab only where needs_offsets(p), else may be null). gx / gw may be null (not needed); gw must be zeroed by the caller.
 inline void lp_backward(const float* xp, const float* wp, const float* yp, const float* gp, int64_t B, int64_t N,
                         int64_t n, double p, float* gxp, float* gwp, float* zb, float* ab) {
   const bool is_int = small_int_p(p);

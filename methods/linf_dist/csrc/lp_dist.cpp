@@ -101,10 +101,10 @@ std::vector<Tensor> lp_backward(const Tensor& x, const Tensor& w, const Tensor& 
   Tensor gw = need_w ? at::zeros_like(w) : Tensor();
   if (!need_x && !need_w) return {gx, gw};
   Tensor zb = at::empty({B, N}, x.options());
-  Tensor ab = at::empty({B, N}, x.options());
+  Tensor ab = cb::needs_offsets(p) ? at::empty({B, N}, x.options()) : Tensor();
   cb::lp_backward(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), g.data_ptr<float>(), B, N, n, p,
                   need_x ? gx.data_ptr<float>() : nullptr, need_w ? gw.data_ptr<float>() : nullptr,
-                  zb.data_ptr<float>(), ab.data_ptr<float>());
+                  zb.data_ptr<float>(), ab.defined() ? ab.data_ptr<float>() : nullptr);
   return {gx, gw};
 }
 
