@@ -277,11 +277,9 @@ def run_command(args: argparse.Namespace) -> int:
     suite, cells = select_cells(args)
     out = Path(args.out)
     states = {cell: cell_state(cell, out) for cell in cells}
-    if args.dry_run:
-        for cell in cells:
-            print(f"{states[cell]:8s} {cell.label}  -> {cell_folder(cell, out)}")
-        return 0
     device = resolve_device(args.device)
+    if args.dry_run:
+        return _dry_run(cells, states, out, device, args.estimate)
     ensure_writable(out)
     todo = [c for c in cells if states[c] != "done"]
     print(f"suite {suite.name} ({args.scale}): {len(cells)} cells, {len(cells) - len(todo)} done, "
@@ -300,6 +298,24 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"  clean {m['clean']:.2%}  pgd {m['pgd']:.2%}  certified {m['certified']:.2%} "
                   f"({record['certifier']}, {record['provenance']['timings_s']['total']:.0f}s)", file=sys.stderr)
     _print_table(out, args.scale, suite.name)
+    return 0
+
+
+def _dry_run(cells: list[Cell], states: dict[Cell, str], out: Path, device: torch.device, estimate: bool) -> int:
+    from bench.estimate import estimate_seconds
+
+    total = 0.0
+    n_train = {"mnist": 60000, "cifar10": 50000}
+    for cell in cells:
+        line = f"{states[cell]:8s} {cell.label}"
+        if estimate and states[cell] != "done":
+            seconds = estimate_seconds(cell, device, cell.scale.train_examples or n_train[cell.dataset])
+            total += seconds
+            line += f"  ~{seconds / 60:.1f} min"
+        print(f"{line}  -> {cell_folder(cell, out)}")
+    if estimate:
+        print(f"estimated time for the pending cells on {device_name(device)}: ~{total / 60:.0f} min "
+              "(measured seconds per step × steps, plus evaluation)")
     return 0
 
 
@@ -323,5 +339,7 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method config value")
     p.add_argument("--certifier", help="verifier to certify with (default: the method's own)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: time a few training steps per pending cell to estimate its cost")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_command)
