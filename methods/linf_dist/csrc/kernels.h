@@ -1,6 +1,7 @@
 // Fused CPU kernels for the lp-distance op (float32), header-only: the includer provides
 //   template <class F> void cb::parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f);
-// (at::parallel_for in the torch extension, a serial loop in stand-alone benchmarks).
+//   int cb::num_threads();
+// (at::parallel_for / at::get_num_threads in the torch extension, serial ones in stand-alone benchmarks).
 //
 // Layout: x (B, n), w (N, n), y (B, N), all contiguous float32; n = n_in, N = n_out.
 // Parallelism only ever splits work between outputs that are computed independently, and every output
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -26,11 +28,15 @@ constexpr int MAX_R = 4, MAX_C = 4;  // p = inf
 constexpr int INT_R = 3, INT_C = 4;  // small integer p
 constexpr int IV_R = 2, IV_C = 4;    // interval
 #else
-constexpr int MAX_R = 2, MAX_C = 4;
-constexpr int INT_R = 2, INT_C = 4;
-constexpr int IV_R = 2, IV_C = 2;
+#ifndef CB_TILES
+#define CB_TILES 2, 4, 2, 4, 3, 2  // measured best of 2x4, 3x4, 2x5, 4x3, 3x3 (interval: 2x2 .. 4x2)
 #endif
-constexpr int KCH = 8;                   // vectors per arg-max bookkeeping chunk
+constexpr int TILES[6] = {CB_TILES};
+constexpr int MAX_R = TILES[0], MAX_C = TILES[1];
+constexpr int INT_R = TILES[2], INT_C = TILES[3];
+constexpr int IV_R = TILES[4], IV_C = TILES[5];
+#endif
+constexpr int KCH = 64 / W;              // vectors per arg-max chunk (KCH * W = 64 lanes: one bit mask)
 constexpr int64_t L2_BLOCK = 256 << 10;  // bytes of w kept hot while a thread sweeps its rows
 
 constexpr double TWO_M100 = 7.888609052210118e-31;  // 2^-100
@@ -44,29 +50,43 @@ int64_t o_block(int64_t n, int c) {
   return (ob / c) * c;
 }
 
-// Runs body(b0, rows, o0, cols, R, C) over the B x N grid in register tiles: full R x C tiles, then the
-// remainders. Threads split the row tiles; within its rows each thread walks w in L2-sized blocks.
+// Runs f(task) for every task in [0, ntasks), tasks claimed dynamically by the threads (an atomic counter).
+// Every task writes outputs no other task touches, with a fixed sequence of operations, so the results do
+// not depend on which thread runs what. Dynamic claiming (rather than a static split) matters on a shared
+// machine: a thread that is descheduled for a while no longer holds the others up at the end.
+template <class F>
+void parallel_tasks(int64_t ntasks, const F& f) {
+  if (ntasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(ntasks, num_threads()));
+  parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t wk = w0; wk < w1; ++wk)
+      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < ntasks;
+           t = next.fetch_add(1, std::memory_order_relaxed))
+        f(t);
+  });
+}
+
+// Runs tile.run<R', C'>(b, o) over the B x N grid in register tiles: tasks are (a group of rows, an
+// L2-sized block of w); within a task full R x C tiles, then the remainders.
 template <int R, int C, class Tile>
 void for_tiles(int64_t B, int64_t N, int64_t n, const Tile& tile) {
-  const int64_t nbt = (B + R - 1) / R;
+  constexpr int64_t RG = 16 * R;  // rows per task
   const int64_t OB = o_block(n, C);
-  parallel_for(0, nbt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t ob = 0; ob < N; ob += OB) {
-      const int64_t oe = std::min(N, ob + OB);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t * R;
-        if (b + R <= B) {
-          int64_t o = ob;
-          for (; o + C <= oe; o += C) tile.template run<R, C>(b, o);
-          for (; o < oe; ++o) tile.template run<R, 1>(b, o);
-        } else {
-          for (int64_t bb = b; bb < B; ++bb) {
-            int64_t o = ob;
-            for (; o + C <= oe; o += C) tile.template run<1, C>(bb, o);
-            for (; o < oe; ++o) tile.template run<1, 1>(bb, o);
-          }
-        }
-      }
+  const int64_t nrg = (B + RG - 1) / RG, nob = (N + OB - 1) / OB;
+  parallel_tasks(nrg * nob, [&](int64_t task) {
+    const int64_t ob = (task % nob) * OB, oe = std::min(N, ob + OB);
+    const int64_t b0 = (task / nob) * RG, b1 = std::min(B, b0 + RG);
+    int64_t b = b0;
+    for (; b + R <= b1; b += R) {
+      int64_t o = ob;
+      for (; o + C <= oe; o += C) tile.template run<R, C>(b, o);
+      for (; o < oe; ++o) tile.template run<R, 1>(b, o);
+    }
+    for (; b < b1; ++b) {
+      int64_t o = ob;
+      for (; o + C <= oe; o += C) tile.template run<1, C>(b, o);
+      for (; o < oe; ++o) tile.template run<1, 1>(b, o);
     }
   });
 }
@@ -74,10 +94,11 @@ void for_tiles(int64_t B, int64_t N, int64_t n, const Tile& tile) {
 // ---------------------------------------------------------------------------------------------------
 // p = inf: max |x - w| with the first arg-max.
 //
-// With the arg-max, the per-lane maximum of every chunk of KCH vectors is stored (one store per pair and
-// chunk, to a small per-thread buffer). At the end: y = max over everything; the first chunk holding y in
-// some lane contains the first maximiser; only that chunk is rescanned, restricted to the lanes that reach
-// y there (exact equality: the same subtraction and |.| are redone on the same floats).
+// With the arg-max, the per-lane running maximum is stored after every chunk of KCH vectors (one store per
+// pair and chunk, to a small per-thread buffer). At the end: the first chunk whose running maximum reaches
+// y contains the first maximiser; only that chunk (64 elements) is rescanned, restricted to the lanes that
+// reach y there (exact equality: the same subtraction and |.| redone on the same floats). The search and
+// the rescan are branch-free: with branches, mispredictions cost more than the whole tile loop at n ~ 256.
 inline float* chunk_scratch(size_t nfloats) {
   thread_local std::vector<float> buf;
   if (buf.size() < nfloats + W) buf.resize(nfloats + W);
@@ -129,45 +150,51 @@ struct LinfTile {
         for (int c = 0; c < C; ++c) y[(b + r) * N + o + c] = hmax(acc[r][c]);
       return;
     }
+    // cm[ch] = per-lane running maximum after chunk ch (monotone in ch).
     const int64_t nch = (nsteps + KCH - 1) / KCH;
-    float* cm = chunk_scratch(size_t(nch) * R * C * W);  // [chunk][r][c] lane maxima
-    for (int64_t ch = 0; ch < nch; ++ch) {
-      const int64_t s0 = ch * KCH;
-      vf acc[R][C];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) acc[r][c] = splat(0.f);
-      const int64_t s1 = std::min<int64_t>(s0 + KCH, nv);
-      for (int64_t s = s0; s < s1; ++s) step<R, C, false>(acc, xp, wp, n, s * W, 0);
-      if (tail && nv >= s0 && nv < s0 + KCH) step<R, C, true>(acc, xp, wp, n, nv * W, tail);
+    float* cm = chunk_scratch(size_t(nch) * R * C * W);
+    vf acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = splat(0.f);
+    const int64_t nfullch = nv / KCH;
+    for (int64_t ch = 0; ch < nfullch; ++ch) {
+      for (int k = 0; k < KCH; ++k) step<R, C, false>(acc, xp, wp, n, (ch * KCH + k) * W, 0);
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) st(cm + ((ch * R + r) * C + c) * W, acc[r][c]);
     }
+    if (nfullch < nch) {
+      for (int64_t s = nfullch * KCH; s < nv; ++s) step<R, C, false>(acc, xp, wp, n, s * W, 0);
+      if (tail) step<R, C, true>(acc, xp, wp, n, nv * W, tail);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) st(cm + ((nfullch * R + r) * C + c) * W, acc[r][c]);
+    }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) {
-        vf mv = splat(0.f);
-        for (int64_t ch = 0; ch < nch; ++ch) mv = vmax(mv, ld(cm + ((ch * R + r) * C + c) * W));
-        const float m = hmax(mv);
+        const float m = hmax(acc[r][c]);
         const vf mm = splat(m);
+        // First chunk whose running max reaches m = number of chunks before it (monotone): branch-free.
         int64_t ch = 0;
-        uint32_t lanes = 0;
-        for (; ch < nch; ++ch) {
-          lanes = lane_bits(ld(cm + ((ch * R + r) * C + c) * W) == mm);
-          if (lanes) break;
-        }
+        for (int64_t k = 0; k < nch; ++k) ch += lane_bits(ld(cm + ((k * R + r) * C + c) * W) == mm) == 0;
+        const uint32_t lanes = lane_bits(ld(cm + ((ch * R + r) * C + c) * W) == mm);
+        // Rescan that chunk's KCH * W = 64 elements into one bit mask (bit j <-> element ch*KCH*W + j).
         const float* xr = xp + r * n;
         const float* wr = wp + c * n;
-        int64_t found = -1;
-        const int64_t se = std::min<int64_t>(ch * KCH + KCH, nsteps);
-        for (int64_t s = ch * KCH; s < se; ++s) {
-          const int64_t i0 = s * W;
-          const vf xv = s < nv ? ld(xr + i0) : ld_part(xr + i0, tail, 0.f);
-          const vf wv = s < nv ? ld(wr + i0) : ld_part(wr + i0, tail, 0.f);
-          const uint32_t hit = lane_bits(vabs(xv - wv) == mm) & lanes;
-          if (hit) {
-            found = i0 + __builtin_ctz(hit);
-            break;
+        uint64_t hits = 0;
+        const int64_t s0 = ch * KCH;
+        if (s0 + KCH <= nv) {
+          for (int k = 0; k < KCH; ++k) {
+            const int64_t i0 = (s0 + k) * W;
+            hits |= uint64_t(lane_bits(vabs(ld(xr + i0) - ld(wr + i0)) == mm) & lanes) << (k * W);
+          }
+        } else {
+          for (int64_t s = s0; s < nsteps; ++s) {
+            const int64_t i0 = s * W;
+            const vf xv = s < nv ? ld(xr + i0) : ld_part(xr + i0, tail, 0.f);
+            const vf wv = s < nv ? ld(wr + i0) : ld_part(wr + i0, tail, 0.f);
+            hits |= uint64_t(lane_bits(vabs(xv - wv) == mm) & lanes) << ((s - s0) * W);
           }
         }
+        const int64_t found = hits ? s0 * W + __builtin_ctzll(hits) : -1;
         y[(b + r) * N + o + c] = m;
         idx[(b + r) * N + o + c] = (found < 0 || found >= n) ? 0 : found;  // always found for finite inputs
       }
@@ -319,25 +346,25 @@ float lp_pair_double(const float* xr, const float* wr, int64_t n, double p) {
 // ---------------------------------------------------------------------------------------------------
 // General p forward, per pair, after m = max |x - w| is known: S = sum 2^(p log2(|x - w| / m)), terms
 // below 2^-100 (relative to the max term, which is 1) flushed to exactly 0; y = m S^(1/p).
+template <bool SKIP>
 double pow_sum_pair(const float* xr, const float* wr, int64_t n, float z, float p, float tmin) {
   const vf vz = splat(z), vp = splat(p), vt = splat(tmin);
-  vf acc0 = splat(0.f), acc1 = splat(0.f);
+  vf acc = splat(0.f);
   const int64_t nv = n / W;
   const int tail = int(n % W);
-  auto term = [&](vf d) {
-    const vf t = vabs(d) * vz;
+  for (int64_t s = 0; s < nv; ++s) {
+    const vf t = vabs(ld(xr + s * W) - ld(wr + s * W)) * vz;
+    const vi keep = t > vt;
+    if (SKIP && !any(keep)) continue;  // every term negligible: the usual case at large p
     vf f;
-    const vf lg = vlog2<7>(t, f);
-    return vand(vexp2(lg * vp), t > vt);
-  };
-  int64_t s = 0;
-  for (; s + 2 <= nv; s += 2) {
-    acc0 += term(ld(xr + s * W) - ld(wr + s * W));
-    acc1 += term(ld(xr + s * W + W) - ld(wr + s * W + W));
+    acc += vand(vexp2(vlog2<7>(t, f) * vp), keep);
   }
-  if (s < nv) acc0 += term(ld(xr + s * W) - ld(wr + s * W));
-  if (tail) acc1 += term(ld_part(xr + nv * W, tail, 0.f) - ld_part(wr + nv * W, tail, 0.f));
-  return hsum(acc0) + hsum(acc1);
+  if (tail) {
+    const vf t = vabs(ld_part(xr + nv * W, tail, 0.f) - ld_part(wr + nv * W, tail, 0.f)) * vz;
+    vf f;
+    acc += vand(vexp2(vlog2<7>(t, f) * vp), t > vt);
+  }
+  return hsum(acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -350,13 +377,13 @@ double pow_sum_pair(const float* xr, const float* wr, int64_t n, float z, float 
 // large-p path, the offset A (see PowCoef).
 struct PairParams {
   vf z, g, a;
-  float zs, gs, as;
 };
 
 // Exact small-integer coefficient: (d z)^(P-1) with the sign of d (sign(0) = +1 for P = 1).
 template <int P>
 struct IntCoef {
-  static constexpr int K = 4;
+  static constexpr int K = 8;          // vectors per column chunk
+  static constexpr bool HEAVY = false;  // cheap: the chunk of x and grad_x stays in registers (mostly)
   inline vf operator()(vf xv, vf wv, const PairParams& q) const {
     const vf d = xv - wv;
     if constexpr (P == 1) {
@@ -420,8 +447,10 @@ static inline vf log2_dz(vf xv, vf wv, vf z, vf& t_out) {
 
 template <bool PRECISE>
 struct PowCoef {
-  static constexpr int K = 2;
+  static constexpr int K = 8;         // ~40 instructions per vector: amortise the per-pair overhead,
+  static constexpr bool HEAVY = true;  // staging the chunk of x and grad_x in L1 rather than registers
   vf pm1, tmin;
+  bool skip;  // large p: test the whole chunk of the pair first, most are entirely negligible
   inline vf operator()(vf xv, vf wv, const PairParams& q) const {
     vf t;
     const vf l = log2_dz<PRECISE>(xv, wv, q.z, t);
@@ -439,77 +468,122 @@ struct PowCoef {
   }
 };
 
+// Loop nest of one column chunk (CW = K*W columns): for each block of OB outputs, the block's weights are
+// packed into a contiguous zero-padded buffer (rows of w are 4 KiB apart at n_in = 1024, which would make
+// every row of the block collide in the same L1 set) and its grad_w rows accumulate in a packed buffer
+// too; the batch is swept inside, each row's grad_x chunk accumulating in registers over the block.
+// grad_x[b, chunk] is the sum over blocks in ascending order, grad_w[o, chunk] the sum over b ascending.
+inline float* bwd_scratch(size_t nfloats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < nfloats) buf.resize(nfloats);
+  return buf.data();
+}
+
 template <class Coef, bool NX, bool NW>
 void bwd_chunks(const float* x, const float* w, const float* g, const float* zb, const float* ab, const float* y,
                 int64_t B, int64_t N, int64_t n, float* gx, float* gw, const Coef& coef) {
   constexpr int K = Coef::K;
-  constexpr int64_t CW = int64_t(K) * W;
+  constexpr int CW = K * W;
+  constexpr int64_t OB = (16 << 10) / (CW * 4 * 2);  // packed w + grad_w block: 16 KiB
   const int64_t nch = (n + CW - 1) / CW;
-  parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  parallel_tasks(nch, [&](int64_t ch) {
     FtzGuard ftz;
-    for (int64_t ch = c0; ch < c1; ++ch) {
+    float* wloc = bwd_scratch(size_t(2 * OB * CW));
+    float* gwloc = wloc + OB * CW;
+    {
       const int64_t i0 = ch * CW;
       const int len = int(std::min<int64_t>(CW, n - i0));
-      const int nfull = len / W;
-      const int tl = len % W;
-      for (int64_t b = 0; b < B; ++b) {
-        const float* xr = x + b * n + i0;
-        vf xv[K], acc[K];
-        for (int k = 0; k < K; ++k) {
-          xv[k] = k < nfull ? ld(xr + k * W) : (k == nfull && tl ? ld_part(xr + k * W, tl, 0.f) : splat(0.f));
-          acc[k] = splat(0.f);
-        }
-        const float* zrow = zb + b * N;
-        const float* grow = g + b * N;
-        for (int64_t o = 0; o < N; ++o) {
-          const float zs = zrow[o];
-          if (zs == 0.f) continue;
-          const float gs = grow[o];
-          const float* wr = w + o * n + i0;
-          float* gwr = gw ? gw + o * n + i0 : nullptr;
-          if (zs < 0.f) {  // double-precision path for pairs whose y is outside [2^-100, 2^100]
-            const double yv = y[b * N + o];
-            const double av = ab ? ab[b * N + o] : 0.0;
-            float tmp[K * W] = {};  // (acc stays in registers: no dynamic lane indexing on it)
-            for (int i = 0; i < len; ++i) {
-              const double d = double(xr[i]) - double(wr[i]);
-              tmp[i] = float(double(gs) * coef.scalar(d, yv, av));
-              if (NW) gwr[i] -= tmp[i];
-            }
-            for (int k = 0; k < K; ++k) acc[k] += ld(tmp + k * W);
-            continue;
-          }
-          PairParams q;
-          q.zs = zs;
-          q.gs = gs;
-          q.as = ab ? ab[b * N + o] : 0.f;
-          q.z = splat(zs);
-          q.g = splat(gs);
-          q.a = splat(q.as);
+      for (int64_t ob = 0; ob < N; ob += OB) {
+        const int64_t nb = std::min<int64_t>(OB, N - ob);
+        for (int64_t j = 0; j < nb; ++j) {
+          const float* src = w + (ob + j) * n + i0;
+          float* dst = wloc + j * CW;
           if (len == CW) {
-            for (int k = 0; k < K; ++k) {
-              const vf cg = coef(xv[k], ld(wr + k * W), q);
-              acc[k] += cg;
-              if (NW) st(gwr + k * W, ld(gwr + k * W) - cg);
-            }
+            for (int k = 0; k < K; ++k) st(dst + k * W, ld(src + k * W));
           } else {
-            for (int k = 0; k < nfull; ++k) {
-              const vf cg = coef(xv[k], ld(wr + k * W), q);
-              acc[k] += cg;
-              if (NW) st(gwr + k * W, ld(gwr + k * W) - cg);
+            for (int i = 0; i < CW; ++i) dst[i] = i < len ? src[i] : 0.f;
+          }
+          if (NW) std::fill(gwloc + j * CW, gwloc + (j + 1) * CW, 0.f);
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const float* xr = x + b * n + i0;
+          vf xv[K], acc[K];
+          if (len == CW) {
+            for (int k = 0; k < K; ++k) xv[k] = ld(xr + k * W);
+          } else {
+            float tmp[CW];
+            for (int i = 0; i < CW; ++i) tmp[i] = i < len ? xr[i] : 0.f;
+            for (int k = 0; k < K; ++k) xv[k] = ld(tmp + k * W);
+          }
+          for (int k = 0; k < K; ++k) acc[k] = splat(0.f);
+          alignas(64) float xl[Coef::HEAVY ? CW : 1], al[Coef::HEAVY ? CW : 1];
+          if constexpr (Coef::HEAVY)
+            for (int k = 0; k < K; ++k) {
+              st(xl + k * W, xv[k]);
+              st(al + k * W, acc[k]);
             }
-            if (tl) {
-              const vf cg = coef(xv[nfull], ld_part(wr + nfull * W, tl, 0.f), q);
-              acc[nfull] += cg;
-              if (NW) st_part(gwr + nfull * W, ld_part(gwr + nfull * W, tl, 0.f) - cg, tl);
+          const float* zrow = zb + b * N + ob;
+          const float* grow = g + b * N + ob;
+          for (int64_t j = 0; j < nb; ++j) {
+            const float zs = zrow[j];
+            if (zs == 0.f) continue;
+            const float gs = grow[j];
+            if (zs < 0.f) {  // double-precision path for pairs whose y is outside [2^-100, 2^100]
+              const float* wr = w + (ob + j) * n + i0;
+              const double yv = y[b * N + ob + j];
+              const double av = ab ? ab[b * N + ob + j] : 0.0;
+              float tmp[CW] = {};
+              for (int i = 0; i < len; ++i)
+                tmp[i] = float(double(gs) * coef.scalar(double(xr[i]) - double(wr[i]), yv, av));
+              for (int k = 0; k < K; ++k) {
+                if constexpr (Coef::HEAVY)
+                  st(al + k * W, ld(al + k * W) + ld(tmp + k * W));
+                else
+                  acc[k] += ld(tmp + k * W);
+                if (NW) st(gwloc + j * CW + k * W, ld(gwloc + j * CW + k * W) - ld(tmp + k * W));
+              }
+              continue;
+            }
+            PairParams q;
+            q.z = splat(zs);
+            q.g = splat(gs);
+            q.a = splat(ab ? ab[b * N + ob + j] : 0.f);
+            const float* wj = wloc + j * CW;
+            float* gj = gwloc + j * CW;
+            if constexpr (Coef::HEAVY) {
+              if (coef.skip) {
+                vi keep = splati(0);
+                for (int k = 0; k < K; ++k) keep |= vabs(ld(xl + k * W) - ld(wj + k * W)) * q.z > coef.tmin;
+                if (!any(keep)) continue;
+              }
+              for (int k = 0; k < K; ++k) {
+                const vf cg = coef(ld(xl + k * W), ld(wj + k * W), q);
+                st(al + k * W, ld(al + k * W) + cg);
+                if (NW) st(gj + k * W, ld(gj + k * W) - cg);
+              }
+            } else {
+              for (int k = 0; k < K; ++k) {
+                const vf cg = coef(xv[k], ld(wj + k * W), q);
+                acc[k] += cg;
+                if (NW) st(gj + k * W, ld(gj + k * W) - cg);
+              }
+            }
+          }
+          if constexpr (Coef::HEAVY)
+            for (int k = 0; k < K; ++k) acc[k] = ld(al + k * W);
+          if (NX) {
+            float* gxr = gx + b * n + i0;
+            if (len == CW) {
+              for (int k = 0; k < K; ++k) st(gxr + k * W, ob == 0 ? acc[k] : ld(gxr + k * W) + acc[k]);
+            } else {
+              float tmp[CW];
+              for (int k = 0; k < K; ++k) st(tmp + k * W, acc[k]);
+              for (int i = 0; i < len; ++i) gxr[i] = ob == 0 ? tmp[i] : gxr[i] + tmp[i];
             }
           }
         }
-        if (NX) {
-          float* gxr = gx + b * n + i0;
-          for (int k = 0; k < nfull; ++k) st(gxr + k * W, acc[k]);
-          if (tl) st_part(gxr + nfull * W, acc[nfull], tl);
-        }
+        if (NW)
+          for (int64_t j = 0; j < nb; ++j) std::copy(gwloc + j * CW, gwloc + j * CW + len, gw + (ob + j) * n + i0);
       }
     }
   });
@@ -526,24 +600,41 @@ void bwd_dispatch(bool nx, bool nw, const float* x, const float* w, const float*
     bwd_chunks<Coef, false, true>(x, w, g, zb, ab, y, B, N, n, nullptr, gw, coef);
 }
 
-// Precise pre-pass (p > PRECISE_P): A = -(p-1)/p log2(sum_j (|d_j| z)^p) per pair.
+// Precise pre-pass (p > PRECISE_P): sum_j (|d_j| z)^p with the precise log2, for A = -(p-1)/p log2(sum).
+template <bool SKIP>
 double precise_sum_pair(const float* xr, const float* wr, int64_t n, float z, float p, float tmin) {
   const vf vz = splat(z), vp = splat(p), vt = splat(tmin);
   vf acc = splat(0.f);
   const int64_t nv = n / W;
   const int tail = int(n % W);
-  auto term = [&](vf xv, vf wv) {
+  for (int64_t s = 0; s < nv; ++s) {
+    const vf xv = ld(xr + s * W), wv = ld(wr + s * W);
+    if (SKIP && !any(vabs(xv - wv) * vz > vt)) continue;
     vf t;
     const vf l = log2_dz<true>(xv, wv, vz, t);
-    return vand(vexp2(l * vp), t > vt);
-  };
-  for (int64_t s = 0; s < nv; ++s) acc += term(ld(xr + s * W), ld(wr + s * W));
-  if (tail) acc += term(ld_part(xr + nv * W, tail, 0.f), ld_part(wr + nv * W, tail, 0.f));
+    acc += vand(vexp2(l * vp), t > vt);
+  }
+  if (tail) {
+    vf t;
+    const vf l = log2_dz<true>(ld_part(xr + nv * W, tail, 0.f), ld_part(wr + nv * W, tail, 0.f), vz, t);
+    acc += vand(vexp2(l * vp), t > vt);
+  }
   return hsum(acc);
 }
 
-float tmin_for(double e) {  // smallest t with t^e >= 2^-100 (and t a normal float)
-  const double t = std::exp2(-100.0 / e);
+// Terms (forward) and coefficients (backward) below 2^-48 of the largest one (which is 1) are flushed to
+// exactly 0: even 2^16 of them change a float32 sum by less than its rounding. (The reference flushes
+// below 2^-60.) At large p nearly every term is that small, and whole vectors of them are skipped.
+constexpr double FLUSH_LOG2 = -48.0;
+// From this p on, testing for (and skipping) all-negligible vectors pays for its branch mispredictions on
+// typical data; below it nearly every vector has a relevant term and the test is pure overhead.
+#ifndef CB_SKIP_P
+#define CB_SKIP_P 48.0
+#endif
+constexpr double SKIP_P = CB_SKIP_P;
+
+float tmin_for(double e) {  // smallest t with t^e >= 2^FLUSH_LOG2 (and t a normal float)
+  const double t = std::exp2(FLUSH_LOG2 / e);
   return float(std::max<double>(t, FLT_MIN_NORMAL));
 }
 
@@ -613,10 +704,9 @@ void int_forward(const float* x, const float* w, int64_t B, int64_t N, int64_t n
   std::vector<uint8_t> slow(size_t(B * N));
   IntPowTile<P> t{x, w, n, N, y, slow.data()};
   for_tiles<INT_R, INT_C>(B, N, n, t);
-  parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t o = 0; o < N; ++o)
-        if (slow[b * N + o]) y[b * N + o] = lp_pair_double(x + b * n, w + o * n, n, P);
+  parallel_tasks(B, [&](int64_t b) {
+    for (int64_t o = 0; o < N; ++o)
+      if (slow[b * N + o]) y[b * N + o] = lp_pair_double(x + b * n, w + o * n, n, P);
   });
 }
 
@@ -640,9 +730,8 @@ inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, i
   linf_forward(xp, wp, B, N, n, yp, nullptr);
   const float pf = float(p);
   const float tmin = tmin_for(p);
-  parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_tasks(B, [&](int64_t b) {
     FtzGuard ftz;
-    for (int64_t b = b0; b < b1; ++b)
       for (int64_t o = 0; o < N; ++o) {
         const double m = yp[b * N + o];
         if (m == 0.0) continue;
@@ -651,7 +740,8 @@ inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, i
           continue;
         }
         const float z = float(1.0 / m);
-        const double s = pow_sum_pair(xp + b * n, wp + o * n, n, z, pf, tmin);
+        const double s = p >= SKIP_P ? pow_sum_pair<true>(xp + b * n, wp + o * n, n, z, pf, tmin)
+                                     : pow_sum_pair<false>(xp + b * n, wp + o * n, n, z, pf, tmin);
         yp[b * N + o] = float(m * std::exp2(std::log2(s) / p));
       }
   });
@@ -659,16 +749,15 @@ inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, i
 
 inline bool needs_offsets(double p) { return !small_int_p(p) && p > PRECISE_P; }
 
-// zb, ab: (B, N) scratch (ab only where needs_offsets(p), else may be null). gx / gw may be null (not needed); gw must be zeroed by the caller.
+// zb, ab: (B, N) scratch (ab only where needs_offsets(p), else may be null). gx / gw may be null (not needed).
 inline void lp_backward(const float* xp, const float* wp, const float* yp, const float* gp, int64_t B, int64_t N,
                         int64_t n, double p, float* gxp, float* gwp, float* zb, float* ab) {
   const bool is_int = small_int_p(p);
   const bool precise = !is_int && p > PRECISE_P;
   if (!precise) ab = nullptr;
   const float tmin_pre = tmin_for(p);
-  parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_tasks(B, [&](int64_t b) {
     FtzGuard ftz;
-    for (int64_t b = b0; b < b1; ++b)
       for (int64_t o = 0; o < N; ++o) {
         const int64_t k = b * N + o;
         const double yv = yp[k];
@@ -689,7 +778,8 @@ inline void lp_backward(const float* xp, const float* wp, const float* yp, const
         const float* wr = wp + o * n;
         double s;
         if (z > 0.f) {
-          s = precise_sum_pair(xr, wr, n, z, float(p), tmin_pre);
+          s = p >= SKIP_P ? precise_sum_pair<true>(xr, wr, n, z, float(p), tmin_pre)
+                          : precise_sum_pair<false>(xr, wr, n, z, float(p), tmin_pre);
         } else {
           s = 0.0;
           for (int64_t i = 0; i < n; ++i) {
@@ -719,10 +809,10 @@ inline void lp_backward(const float* xp, const float* wp, const float* yp, const
 #undef CB_INT_CASE
     }
   } else if (precise) {
-    PowCoef<true> c{splat(float(p - 1.0)), splat(tmin_for(p - 1.0)), p};
+    PowCoef<true> c{splat(float(p - 1.0)), splat(tmin_for(p - 1.0)), p >= SKIP_P, p};
     bwd_dispatch(nx, nw, xp, wp, gp, zb, ab, yp, B, N, n, gxp, gwp, c);
   } else {
-    PowCoef<false> c{splat(float(p - 1.0)), splat(tmin_for(p - 1.0)), p};
+    PowCoef<false> c{splat(float(p - 1.0)), splat(tmin_for(p - 1.0)), p >= SKIP_P, p};
     bwd_dispatch(nx, nw, xp, wp, gp, zb, nullptr, yp, B, N, n, gxp, gwp, c);
   }
 }
