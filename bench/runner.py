@@ -108,15 +108,15 @@ def cell_folder(cell: Cell, out: Path) -> Path:
 
 
 def cell_state(cell: Cell, out: Path) -> str:
-    """done / partial / corrupt / missing."""
+    """done / stale (finished under another config) / partial / corrupt / missing."""
     folder = cell_folder(cell, out)
     result = folder / "result.json"
     if result.exists():
         try:
-            load_result(result)
-            return "done"
+            record = load_result(result).record
         except BenchError:
             return "corrupt"
+        return "done" if record["config"] == dump_config(cell.config) else "stale"
     return "partial" if (folder / CHECKPOINT).exists() else "missing"
 
 
@@ -287,6 +287,8 @@ def run_command(args: argparse.Namespace) -> int:
     for cell in todo:
         if states[cell] == "corrupt":
             print(f"  {cell.label}: unreadable result file, re-running the cell", file=sys.stderr)
+        if states[cell] == "stale":
+            print(f"  {cell.label}: finished under a different config, re-running the cell", file=sys.stderr)
     if todo:
         root = datamod.data_dir(args.data_dir)
         splits = {flag: datamod.load_split(suite.dataset, flag, root) for flag in (True, False)}

@@ -27,6 +27,15 @@ BASELINES = ("ibp", "crown-ibp", "crown-ibp-fast")
 MNIST, CIFAR = dataset_info("mnist"), dataset_info("cifar10")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread avoids thread hand-off costs (large on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- models ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -205,13 +214,13 @@ def test_recipe_steps_report_the_schedules_and_skip_unneeded_bounds(monkeypatch:
     recipe = method.recipe(model, MNIST, cfg, Fraction(1, 10), batches_per_epoch=4)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     clean = recipe.step(x, y, epoch=0, batch=0)
-    assert calls == [] and clean["eps"] == 0 and "robust_acc" not in clean
+    assert calls == [] and clean["eps"] == 0
     mid = recipe.step(x, y, epoch=1, batch=2)
     assert calls == [("ibp", "crown-ibp")]
     assert (mid["eps"], mid["beta"], mid["kappa"]) == pytest.approx((0.05, 0.5, 0.75))
     end = recipe.step(x, y, epoch=2, batch=0)
     assert calls[-1] == ("ibp",) and (end["eps"], end["beta"], end["kappa"]) == pytest.approx((0.1, 0.0, 0.5))
-    assert {"loss", "acc", "robust_acc", "lr"} <= set(end)
+    assert set(clean) == set(mid) == set(end) == {"eps", "lr", "kappa", "beta", "reg", "loss", "acc", "robust_acc"}
 
 
 def test_regularisers_run_during_the_clean_warmup_at_a_tiny_radius() -> None:
@@ -221,9 +230,9 @@ def test_regularisers_run_during_the_clean_warmup_at_a_tiny_radius() -> None:
     model = method.build(MNIST, cfg)
     recipe = method.recipe(model, MNIST, cfg, Fraction(1, 10), batches_per_epoch=4)
     stats = recipe.step(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), epoch=0, batch=0)
-    assert stats["eps"] == 0 and "reg" in stats and math.isfinite(stats["loss"])
+    assert stats["eps"] == 0 and stats["reg"] > 0 and math.isfinite(stats["loss"])
     after = recipe.step(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), epoch=2, batch=0)
-    assert "reg" not in after
+    assert after["reg"] == 0 and set(after) == set(stats)
 
 
 def test_resumed_recipe_takes_the_same_step() -> None:

@@ -179,6 +179,23 @@ def test_lp_zero_distances(p: float) -> None:
         assert gx0.abs().max().item() == 0.0 and gw0.abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("p", [17.0, 64.0, 1000.0])
+@pytest.mark.parametrize("spread", [0.02, 0.3])
+def test_lp_many_terms_near_the_maximum(p: float, spread: float) -> None:
+    """Every |x - w| within `spread` of the others: large p keeps many non-negligible terms, mixing the
+    precise and the plain arithmetic within a pair (and nothing can be skipped)."""
+    gen = torch.Generator().manual_seed(int(p))
+    x = 0.01 * torch.randn(6, 300, generator=gen)
+    w = torch.where(torch.randn(7, 300, generator=gen) > 0, 1.0, -1.0) * (1 + spread * torch.rand(7, 300, generator=gen))
+    g = torch.randn(6, 7, generator=gen)
+    y = cpu.lp_dist_forward(x, w, p)
+    assert_values(y, bf_lp(x, w, p))
+    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
+    wx, ww = bf_lp_grads(x, w, g, p)
+    assert_grad(gx, wx)
+    assert_grad(gw, ww)
+
+
 def test_lp_identical_distances_are_exact_ties() -> None:
     """All |x - w| equal: y = m n^(1/p), every coefficient n^(1/p - 1)."""
     n, p = 40, 1000.0

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-Box = tuple[torch.Tensor, torch.Tensor]
+from methods.bounds.layers import Box
 
 
 def robust_ce(margin_lower: torch.Tensor) -> torch.Tensor:

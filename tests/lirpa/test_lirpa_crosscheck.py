@@ -91,13 +91,14 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-mode-bn"])
-@pytest.mark.parametrize("kind", MODELS)
+# Every kind in eval mode, and BatchNorm also in training mode (clean-batch statistics).
+CASES = [(kind, False) for kind in MODELS] + [("batchnorm", True)]
+
+
+@pytest.mark.parametrize(("kind", "training"), CASES, ids=[k + ("-train" if t else "") for k, t in CASES])
 @pytest.mark.parametrize("method", LIRPA_NAMES)
 def test_random_models_agree_with_auto_lirpa(kind: str, method: str, training: bool) -> None:
-    if training and kind != "batchnorm":
-        pytest.skip("training mode only differs for BatchNorm")
-    torch.manual_seed(hash((kind, method)) % 1000)
+    torch.manual_seed(0)
     model = with_random_batchnorm(MODELS[kind]().double()).train(training)
     for seed, eps in ((0, 0.02), (1, 0.1)):
         gen = torch.Generator().manual_seed(seed)
