@@ -17,8 +17,9 @@ Timing: best of ``--repeat`` calls after one warm-up for ours, best of ``--naive
 one (seconds per call). Inputs: x ~ N(0, 1) (B, n_in), w ~ N(0, 1) (n_out, n_in), upstream gradient
 N(0, 1), float32, seed 0; interval: x ± 0.1. At large p the kernels skip vectors whose terms are all
 negligible (below 2^-48 of the largest), which on such data is most of them; the ``general_p_dense`` case
-(p = 1000, every |x_i − w_i| within 1% of the others) shows the speed when nothing can be skipped. Peak memory: on CPU the rise of the process's peak resident
-set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) during one call, after ``malloc_trim``;
+(p = 1000, every |x_i − w_i| within 1% of the others) shows the speed when nothing can be skipped.
+Peak memory: on CPU the rise of the process's peak resident set (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) during one call, after ``malloc_trim``;
 on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the call. It includes the outputs
 (y, and grad_x / grad_w for forward + backward). ``--json PATH`` writes one row per case and mode:
 ``{case, p, shape: [B, n_in, n_out], device, ours_gpairs_s, naive_gpairs_s, speedup, peak_mem_bytes}``,
@@ -292,6 +293,8 @@ def machine_description(device: torch.device) -> str:
     except OSError:
         pass
     text = f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if hasattr(os, "getloadavg"):
+        text += ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
     return text
@@ -339,7 +342,10 @@ def perf_command(args: argparse.Namespace) -> int:
         shapes = [CPU_SHAPE] + (list(CIFAR_SHAPES) if device.type == "cuda" else [])
     print(f"machine: {machine_description(device)}; backend {backend}")
     rows = []
-    header = f"{'case':<20} {'p':>6} {'shape (B,n_in,n_out)':>20} {'ours':>8} {'naive':>8} {'speedup':>8} {'peak MB':>8}  target"
+    header = (
+        f"{'case':<24} {'p':>6} {'shape (B,n_in,n_out)':>20} {'ours':>8} {'naive':>8} {'speedup':>8} {'peak MB':>8}"
+        "  target"
+    )
     print(header)
     for shape in shapes:
         for case in CASES:
@@ -349,7 +355,7 @@ def perf_command(args: argparse.Namespace) -> int:
             peak = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.1f}"
             mark = "" if target is None else f">= {target} {'ok' if row['ours_gpairs_s'] >= target else 'MISSED'}"
             print(
-                f"{row['case']:<20} {str(row['p']):>6} {'x'.join(map(str, shape)):>20} {row['ours_gpairs_s']:>8.3f} "
+                f"{row['case']:<24} {str(row['p']):>6} {'x'.join(map(str, shape)):>20} {row['ours_gpairs_s']:>8.3f} "
                 f"{row['naive_gpairs_s']:>8.4f} {row['speedup']:>7.1f}x {peak:>8}  {mark}",
                 flush=True,
             )

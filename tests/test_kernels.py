@@ -186,7 +186,8 @@ def test_lp_many_terms_near_the_maximum(p: float, spread: float) -> None:
     precise and the plain arithmetic within a pair (and nothing can be skipped)."""
     gen = torch.Generator().manual_seed(int(p))
     x = 0.01 * torch.randn(6, 300, generator=gen)
-    w = torch.where(torch.randn(7, 300, generator=gen) > 0, 1.0, -1.0) * (1 + spread * torch.rand(7, 300, generator=gen))
+    sign = torch.where(torch.randn(7, 300, generator=gen) > 0, 1.0, -1.0)
+    w = sign * (1 + spread * torch.rand(7, 300, generator=gen))
     g = torch.randn(6, 7, generator=gen)
     y = cpu.lp_dist_forward(x, w, p)
     assert_values(y, bf_lp(x, w, p))

@@ -54,7 +54,9 @@ def available(strict: bool = False) -> bool:
             raise RuntimeError(f"CERTBENCH_KERNELS=fast but the CUDA kernels are unavailable: {why}")
         if not _warned and triton is None:
             _warned = True
-            warnings.warn(f"Triton is unavailable ({why}); using the reference ℓp-distance op on CUDA", RuntimeWarning)
+            warnings.warn(
+                f"Triton is unavailable ({why}); using the reference ℓp-distance op on CUDA", RuntimeWarning
+            )
     return ok
 
 
