@@ -26,8 +26,8 @@ from bench.errors import BenchError
 from methods.base import Augmentation, DatasetInfo
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,)),
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465)),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), 60000),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), 50000),
 }
 DISPLAY_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 EXPECTED_FILES = {

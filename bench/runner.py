@@ -307,11 +307,11 @@ def _dry_run(cells: list[Cell], states: dict[Cell, str], out: Path, device: torc
     from bench.estimate import estimate_seconds
 
     total = 0.0
-    n_train = {"mnist": 60000, "cifar10": 50000}
     for cell in cells:
         line = f"{states[cell]:8s} {cell.label}"
         if estimate and states[cell] != "done":
-            seconds = estimate_seconds(cell, device, cell.scale.train_examples or n_train[cell.dataset])
+            n_train = cell.scale.train_examples or datamod.dataset_info(cell.dataset).train_size
+            seconds = estimate_seconds(cell, device, n_train)
             total += seconds
             line += f"  ~{seconds / 60:.1f} min"
         print(f"{line}  -> {cell_folder(cell, out)}")

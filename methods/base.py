@@ -31,6 +31,7 @@ class DatasetInfo:
     num_classes: int
     input_shape: tuple[int, int, int]
     channel_mean: tuple[float, ...]
+    train_size: int
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ clean_ce_mix`` (MLP head). ``eps_train`` is in pixels (a fraction string such as
 
 from __future__ import annotations
 
+import abc
 import math
 from fractions import Fraction
 from typing import Any, Callable, ClassVar, Mapping
@@ -169,8 +170,8 @@ class _LinfDistBase(Method):
     def augmentation(self, info: DatasetInfo, cfg: Mapping[str, Any]) -> Augmentation:
         return _AUGMENT[info.name]
 
-    def loss(self, cfg: Mapping[str, Any]) -> LossFn:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(self, cfg: Mapping[str, Any]) -> LossFn: ...
 
     def recipe(self, model: nn.Module, info: DatasetInfo, cfg: Mapping[str, Any], eps: Fraction,
                batches_per_epoch: int) -> Recipe:
@@ -198,10 +199,10 @@ class _LinfDistBase(Method):
             margins = self.margin_lower_bounds(model, lower, upper, y)
         return Certificate(certified=(margins > 0).all(dim=1), certifier=CERTIFIER)
 
+    @abc.abstractmethod
     def margin_lower_bounds(self, model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, y: torch.Tensor
                             ) -> torch.Tensor:
         """(B, K) lower bounds of logit_y − logit_j over the pixel box, +inf in the target column."""
-        raise NotImplementedError
 
 
 class _PureNet(_LinfDistBase):
