@@ -13,8 +13,11 @@ generator seeded by (seed, epoch), so a resumed run sees exactly the batches an 
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +39,15 @@ EXPECTED_FILES = {
     "cifar10": [f"cifar-10-batches-py/{n}" for n in ("data_batch_1", "data_batch_2", "data_batch_3",
                                                       "data_batch_4", "data_batch_5", "test_batch",
                                                       "batches.meta")],
+}
+
+
+# The md5 sums torchvision checks when it downloads (the same as in ../shared/data/README.md).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 
 
@@ -73,8 +85,20 @@ def _may_download(path: Path) -> bool:
     """Download only into a writable folder, and never when ``BENCH_OFFLINE=1`` (tests, air-gapped CI)."""
     if os.environ.get("BENCH_OFFLINE") == "1":
         return False
-    probe = path if path.exists() else path.parent
-    return os.access(probe, os.W_OK)
+    return _writable(path)
+
+
+def _writable(path: Path) -> bool:
+    """Whether we may write into ``path`` (or, if it does not exist yet, into its nearest existing parent).
+
+    ``os.access`` alone is not enough: for root it ignores permission bits, so a mirror made read-only
+    with ``chmod`` (as on CI, where tests run as root) would look writable. A folder counts as read-only
+    when its owner has no write bit, or when the OS refuses writes (a read-only mount).
+    """
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & stat.S_IWUSR)
 
 
 def _missing(name: str, root: Path, why: str) -> BenchError:
@@ -92,10 +116,8 @@ def _torchvision_dataset(name: str, root: Path, train: bool):  # type: ignore[no
         download = not (root / "cifar-10-batches-py" / "test_batch").is_file() and _may_download(root)
         build = lambda: datasets.CIFAR10(str(root), train=train, download=download)  # noqa: E731
     else:
-        extracted = (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
-        if not extracted and not _may_download(root) and all((root / f).is_file() for f in EXPECTED_FILES["mnist"]):
-            root = _extract_copy(root)
-        download = not extracted and _may_download(root)
+        root = _mnist_extracted(root)
+        download = not _mnist_is_extracted(root) and _may_download(root)
         build = lambda: datasets.MNIST(str(root), train=train, download=download)  # noqa: E731
     try:
         return build()
@@ -107,16 +129,43 @@ def _torchvision_dataset(name: str, root: Path, train: bool):  # type: ignore[no
         raise _missing(name, root, f"download failed: {lines[-1][:100] if lines else type(exc).__name__}") from None
 
 
-def _extract_copy(root: Path) -> Path:
-    """Copy MNIST's .gz files from a read-only folder into a writable cache; torchvision extracts there."""
-    target = cache_dir() / "mnist-extracted"
+def _mnist_is_extracted(root: Path) -> bool:
+    raw = root / "MNIST" / "raw"
+    return all((raw / Path(rel).stem).is_file() for rel in EXPECTED_FILES["mnist"])
+
+
+def _mnist_extracted(root: Path) -> Path:
+    """A folder where MNIST's four files are extracted, which torchvision then reads without any download.
+
+    The official release is four ``.gz`` files; torchvision only extracts them as part of a download, which
+    ``BENCH_OFFLINE=1`` forbids. So when the ``.gz`` files are present we check their md5 and extract them
+    ourselves: in place when the folder is writable, else into the user cache (the mirror stays untouched).
+    """
+    if _mnist_is_extracted(root) or not all((root / rel).is_file() for rel in EXPECTED_FILES["mnist"]):
+        return root
+    target = root if _writable(root / "MNIST" / "raw") else cache_dir() / "mnist-extracted"
     raw = target / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for rel in EXPECTED_FILES["mnist"]:
-        dest = target / rel
-        if not dest.is_file() or dest.stat().st_size != (root / rel).stat().st_size:
-            shutil.copyfile(root / rel, dest)
+        dest = raw / Path(rel).stem
+        if dest.is_file():
+            continue
+        source = root / rel
+        if _md5(source) != MNIST_MD5[source.name]:
+            raise BenchError(f"MNIST file {source} is corrupt (md5 mismatch); replace it with the official release")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        with gzip.open(source, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, dest)
     return target
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_split(name: str, train: bool, root: Path) -> Split:
