@@ -36,6 +36,7 @@ from bench.store import (
     format_eps,
     load_result,
     parse_eps,
+    remove_stale_temporaries,
     write_csv,
 )
 from methods import base as registry
@@ -174,9 +175,10 @@ def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.
         train_s += wall
         row = {"epoch": float(epoch), "wall_s": wall, "batches_per_s": len(batches) / wall, **_epoch_means(rows)}
         log.append(row)
-        write_csv(folder / "train_log.csv", row.keys(), [[r[k] for k in row] for r in log])
+        # Checkpoint first: whenever train_log.csv shows an epoch, a checkpoint at least that far exists.
         _save(ckpt_path, {"config": config_record, "epoch": epoch, "model": model.state_dict(),
                           "recipe": recipe.state_dict(), "log": log, "train_s": train_s})
+        write_csv(folder / "train_log.csv", row.keys(), [[r[k] for k in row] for r in log])
         if opts.progress:
             print(f"  epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} acc {row.get('acc', math.nan):.3f} "
                   f"p {row.get('p', math.nan):.4g} lr {row.get('lr', math.nan):.2e} ({wall:.1f}s)", file=sys.stderr)
@@ -194,6 +196,7 @@ def _save(path: Path, obj: Any) -> None:
 def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> dict[str, Any]:
     folder = cell_folder(cell, opts.out)
     ensure_writable(folder)
+    remove_stale_temporaries(folder)
     method = registry.get(cell.method)
     started = datetime.now(timezone.utc)
     config_record = {

@@ -86,6 +86,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries a killed writer left in ``folder`` (SIGKILL skips the cleanup above).
+
+    Only called for a cell folder about to be (re)run by the one process that owns it.
+    """
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
