@@ -106,6 +106,18 @@ def assert_grad(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> No
     assert err <= rtol * scale, f"max err {err:.3e} vs {rtol:.0e} x {scale:.3e}"
 
 
+def check_lp(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, p: float) -> torch.Tensor:
+    """Forward values, then gradients both from the forward's saved state and recomputed without it."""
+    y, state = cpu.lp_dist_forward(x, w, p)
+    assert_values(y, bf_lp(x, w, p))
+    wx, ww = bf_lp_grads(x, w, g, p)
+    for kept in (state, None):
+        gx, gw = cpu.lp_dist_backward(x, w, y, kept, g, p, True, True)
+        assert_grad(gx, wx)
+        assert_grad(gw, ww)
+    return y
+
+
 def make(b: int, o: int, n: int, scale: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, n, generator=gen) * scale
@@ -126,24 +138,14 @@ SHAPES = [(5, 7, 67), (1, 1, 1), (1, 9, 8), (6, 1, 130), (3, 4, 1000)]
 def test_lp_matches_brute_force(p: float, shape: tuple[int, int, int]) -> None:
     x, w, g = make(*shape, seed=int(p * 10) % 97)
     x[0, : min(3, x.shape[1])] = w[0, : min(3, x.shape[1])]  # some zero coordinates
-    y = cpu.lp_dist_forward(x, w, p)
-    assert_values(y, bf_lp(x, w, p))
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
-    wx, ww = bf_lp_grads(x, w, g, p)
-    assert_grad(gx, wx)
-    assert_grad(gw, ww)
+    check_lp(x, w, g, p)
 
 
 @pytest.mark.parametrize("p", [8.0, 8.5, 64.0, 1000.0])
 @pytest.mark.parametrize("scale", [1e3, 1e-3])
 def test_lp_large_and_small_inputs(p: float, scale: float) -> None:
     x, w, g = make(6, 5, 50, scale=scale, seed=3)
-    y = cpu.lp_dist_forward(x, w, p)
-    assert_values(y, bf_lp(x, w, p))
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
-    wx, ww = bf_lp_grads(x, w, g, p)
-    assert_grad(gx, wx)
-    assert_grad(gw, ww)
+    check_lp(x, w, g, p)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 8.0, 8.5, 1000.0])
@@ -151,12 +153,7 @@ def test_lp_large_and_small_inputs(p: float, scale: float) -> None:
 def test_lp_extreme_magnitudes_take_the_double_path(p: float, scale: float) -> None:
     """Distances outside [2^-100, 2^100] (or integer-p sums out of range) use the exact double path."""
     x, w, g = make(4, 3, 20, scale=scale, seed=4)
-    y = cpu.lp_dist_forward(x, w, p)
-    assert_values(y, bf_lp(x, w, p))
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
-    wx, ww = bf_lp_grads(x, w, g, p)
-    assert_grad(gx, wx)
-    assert_grad(gw, ww)
+    check_lp(x, w, g, p)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 8.0, 8.5, 64.0, 1000.0])
@@ -165,18 +162,15 @@ def test_lp_zero_distances(p: float) -> None:
     x = torch.cat([w[:2].clone(), torch.randn(1, 19)])
     x[2, 5:] = w[3, 5:]  # partly equal
     g = torch.randn(3, 4)
-    y = cpu.lp_dist_forward(x, w, p)
+    y = check_lp(x, w, g, p)
     assert y[0, 0].item() == 0.0 and y[1, 1].item() == 0.0
-    assert_values(y[y > 0], bf_lp(x, w, p)[y > 0])
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
-    wx, ww = bf_lp_grads(x, w, g, p)
-    assert_grad(gx, wx)
-    assert_grad(gw, ww)
     if p > 1.0:  # zero distance: zero subgradient (as the reference)
         only = torch.zeros(3, 4)
         only[0, 0] = 1.0
-        gx0, gw0 = cpu.lp_dist_backward(x, w, y, only, p, True, True)
-        assert gx0.abs().max().item() == 0.0 and gw0.abs().max().item() == 0.0
+        state = cpu.lp_dist_forward(x, w, p)[1]
+        for kept in (state, None):
+            gx0, gw0 = cpu.lp_dist_backward(x, w, y, kept, only, p, True, True)
+            assert gx0.abs().max().item() == 0.0 and gw0.abs().max().item() == 0.0
 
 
 @pytest.mark.parametrize("p", [17.0, 64.0, 1000.0])
@@ -189,12 +183,7 @@ def test_lp_many_terms_near_the_maximum(p: float, spread: float) -> None:
     sign = torch.where(torch.randn(7, 300, generator=gen) > 0, 1.0, -1.0)
     w = sign * (1 + spread * torch.rand(7, 300, generator=gen))
     g = torch.randn(6, 7, generator=gen)
-    y = cpu.lp_dist_forward(x, w, p)
-    assert_values(y, bf_lp(x, w, p))
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
-    wx, ww = bf_lp_grads(x, w, g, p)
-    assert_grad(gx, wx)
-    assert_grad(gw, ww)
+    check_lp(x, w, g, p)
 
 
 def test_lp_identical_distances_are_exact_ties() -> None:
@@ -204,20 +193,17 @@ def test_lp_identical_distances_are_exact_ties() -> None:
     w = torch.full((3, n), 0.75)
     w[1] = -0.75
     g = torch.ones(2, 3)
-    y = cpu.lp_dist_forward(x, w, p)
+    y = check_lp(x, w, g, p)
     assert_values(y, torch.full((2, 3), 0.75 * n ** (1.0 / p), dtype=torch.float64))
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, p, True, True)
-    wx, ww = bf_lp_grads(x, w, g, p)
-    assert_grad(gx, wx)
-    assert_grad(gw, ww)
 
 
-def test_lp_need_flags() -> None:
+@pytest.mark.parametrize("p", [8.5, 64.0])
+def test_lp_need_flags(p: float) -> None:
     x, w, g = make(3, 4, 21)
-    y = cpu.lp_dist_forward(x, w, 8.5)
-    gx, gw = cpu.lp_dist_backward(x, w, y, g, 8.5, True, True)
-    gx_only, none_w = cpu.lp_dist_backward(x, w, y, g, 8.5, True, False)
-    none_x, gw_only = cpu.lp_dist_backward(x, w, y, g, 8.5, False, True)
+    y, state = cpu.lp_dist_forward(x, w, p)
+    gx, gw = cpu.lp_dist_backward(x, w, y, state, g, p, True, True)
+    gx_only, none_w = cpu.lp_dist_backward(x, w, y, state, g, p, True, False)
+    none_x, gw_only = cpu.lp_dist_backward(x, w, y, state, g, p, False, True)
     assert none_w is None and none_x is None
     assert torch.equal(gx, gx_only) and torch.equal(gw, gw_only)
 
@@ -293,8 +279,8 @@ def test_interval_contains_the_point_and_degenerates_to_it() -> None:
 def _all_outputs(x, w, g, lower, upper):
     outs = []
     for p in (1.0, 8.0, 8.5, 64.0, 1000.0):
-        y = cpu.lp_dist_forward(x, w, p)
-        outs += [y, *cpu.lp_dist_backward(x, w, y, g, p, True, True)]
+        y, state = cpu.lp_dist_forward(x, w, p)
+        outs += [y, *cpu.lp_dist_backward(x, w, y, state, g, p, True, True)]
     y, idx = cpu.linf_dist_forward(x, w)
     outs += [y, idx, *cpu.linf_dist_backward(x, w, idx, g, True, True)]
     outs += list(cpu.linf_dist_interval(lower, upper, w))
@@ -346,18 +332,19 @@ def test_public_op_uses_the_fast_path_and_autograd(p: float, monkeypatch) -> Non
 def test_float64_and_non_finite_inputs_go_to_the_reference() -> None:
     x, w, g = make(3, 4, 10, seed=11)
     x64, w64, g64 = x.double(), w.double(), g.double()
-    y = cpu.lp_dist_forward(x64, w64, 8.5)
-    assert y.dtype == torch.float64 and torch.equal(y, reference.lp_dist_forward(x64, w64, 8.5))
+    y, state = cpu.lp_dist_forward(x64, w64, 8.5)
+    assert state is None
+    assert y.dtype == torch.float64 and torch.equal(y, reference.lp_dist_forward(x64, w64, 8.5)[0])
     assert torch.equal(cpu.linf_dist_forward(x64, w64)[0], reference.linf_dist_forward(x64, w64)[0])
-    gx, gw = cpu.lp_dist_backward(x64, w64, y, g64, 8.5, True, True)
-    rx, rw = reference.lp_dist_backward(x64, w64, y, g64, 8.5, True, True)
+    gx, gw = cpu.lp_dist_backward(x64, w64, y, None, g64, 8.5, True, True)
+    rx, rw = reference.lp_dist_backward(x64, w64, y, None, g64, 8.5, True, True)
     assert torch.equal(gx, rx) and torch.equal(gw, rw)
     xi = x.clone()
     xi[1, 2] = math.inf
     xi[2, 3] = math.nan
     same = dict(rtol=0.0, atol=0.0, equal_nan=True)
     for p in (2.0, 8.5):
-        torch.testing.assert_close(cpu.lp_dist_forward(xi, w, p), reference.lp_dist_forward(xi, w, p), **same)
+        torch.testing.assert_close(cpu.lp_dist_forward(xi, w, p)[0], reference.lp_dist_forward(xi, w, p)[0], **same)
     torch.testing.assert_close(cpu.linf_dist_forward(xi, w)[0], reference.linf_dist_forward(xi, w)[0], **same)
     unbounded = torch.full_like(x, math.inf)
     lo, hi = cpu.linf_dist_interval(x - 1, unbounded, w)
@@ -370,7 +357,7 @@ def test_non_contiguous_inputs() -> None:
     x, w, g = make(6, 5, 40, seed=12)
     xt = x.t().contiguous().t()  # same values, column-major
     assert not xt.is_contiguous()
-    assert torch.equal(cpu.lp_dist_forward(xt, w, 8.5), cpu.lp_dist_forward(x, w, 8.5))
+    assert torch.equal(cpu.lp_dist_forward(xt, w, 8.5)[0], cpu.lp_dist_forward(x, w, 8.5)[0])
     assert torch.equal(cpu.linf_dist_forward(xt, w)[1], cpu.linf_dist_forward(x, w)[1])
 
 
@@ -414,9 +401,9 @@ def test_cuda_backend_matches_brute_force(p: float) -> None:
 
     assert cuda.available(strict=True)
     x, w, g = make(5, 7, 67, seed=13)
-    y = cuda.lp_dist_forward(x.cuda(), w.cuda(), p)
+    y, state = cuda.lp_dist_forward(x.cuda(), w.cuda(), p)
     assert_values(y.cpu(), bf_lp(x, w, p))
-    gx, gw = cuda.lp_dist_backward(x.cuda(), w.cuda(), y, g.cuda(), p, True, True)
+    gx, gw = cuda.lp_dist_backward(x.cuda(), w.cuda(), y, state, g.cuda(), p, True, True)
     wx, ww = bf_lp_grads(x, w, g, p)
     assert_grad(gx.cpu(), wx)
     assert_grad(gw.cpu(), ww)
@@ -451,9 +438,9 @@ rlo, rhi = T.reference.linf_dist_interval(lower, upper, w)
 assert torch.equal(lo, rlo) and torch.equal(hi, rhi)
 for p in (1.0, 8.0, 8.5, 1000.0):
     xs, ws = x * 1e3, w * 1e3
-    y = cuda.lp_dist_forward(xs, ws, p)
+    y, state = cuda.lp_dist_forward(xs, ws, p)
     T.assert_values(y, T.bf_lp(xs, ws, p))
-    gx, gw = cuda.lp_dist_backward(xs, ws, y, g, p, True, True)
+    gx, gw = cuda.lp_dist_backward(xs, ws, y, state, g, p, True, True)
     wx, ww = T.bf_lp_grads(xs, ws, g, p)
     T.assert_grad(gx, wx)
     T.assert_grad(gw, ww)

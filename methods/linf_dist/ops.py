@@ -4,7 +4,8 @@ Shapes: x (B, n_in), w (n_out, n_in) -> (B, n_out); float32 for training, float6
 The arithmetic lives in a *backend*: ``methods.linf_dist.backend_for(x).backend_for(tensor)`` returns the fast
 fused kernels for the tensor's device when they are available, else ``methods.linf_dist.reference``
 (plain torch, chunked, the ground truth). Both expose the same five functions; numerics are documented
-in ``reference``.
+in ``reference``. A backend's finite-p forward may return per-pair state (saved for the backward, which
+then need not recompute it); the op hands it back unchanged.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 class _LpDist(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
-        y = backend_for(x).lp_dist_forward(x, w, p)
-        ctx.save_for_backward(x, w, y)
+        y, state = backend_for(x).lp_dist_forward(x, w, p)
+        ctx.save_for_backward(x, w, y, state)
         ctx.p = p
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, w, y = ctx.saved_tensors
+        x, w, y, state = ctx.saved_tensors
         gx, gw = backend_for(x).lp_dist_backward(
-            x, w, y, g.contiguous(), ctx.p, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            x, w, y, state, g.contiguous(), ctx.p, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
         return gx, gw, None
 

@@ -36,7 +36,12 @@ def _normalised_powers(t: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(t > floor, t, torch.zeros((), dtype=t.dtype, device=t.device)).pow_(p)
 
 
-def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
+def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> tuple[torch.Tensor, None]:
+    """(y, state): the reference keeps no state for its backward (backends may; see ``kernels``)."""
+    return _lp_values(x, w, p), None
+
+
+def _lp_values(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
     out = x.new_empty(x.shape[0], w.shape[0])
     step = _chunk(x.shape[0], x.shape[1])
     for o in range(0, w.shape[0], step):
@@ -49,7 +54,8 @@ def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def lp_dist_backward(
-    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, g: torch.Tensor, p: float, need_x: bool, need_w: bool
+    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, state: None, g: torch.Tensor, p: float, need_x: bool,
+    need_w: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     gx = torch.zeros_like(x) if need_x else None
     gw = torch.zeros_like(w) if need_w else None

@@ -757,7 +757,24 @@ void int_forward(const float* x, const float* w, int64_t B, int64_t N, int64_t n
 
 inline bool small_int_p(double p) { return p == std::floor(p) && p >= 1.0 && p <= 8.0; }
 
-inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, int64_t n, double p, float* yp) {
+inline bool needs_offsets(double p) { return !small_int_p(p) && p > PRECISE_P; }
+
+// A = -(p-1)/p log2(sum_j (|d_j| / y)^p) in double precision, for the pairs outside the scaling range.
+inline float offset_double(const float* xr, const float* wr, int64_t n, double yv, double p) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double t = std::fabs(double(xr[i]) - double(wr[i])) / yv;
+    if (t > 0.0) s += std::pow(t, p);
+  }
+  return (s > 0.0 && std::isfinite(s)) ? float(-(p - 1.0) / p * std::log2(s)) : 0.f;
+}
+
+// zs, as: (B, N) per-pair state for the backward, written where needs_offsets(p) (else untouched, may be
+// null): the scale z = 1/m and the offset A = -(p-1)/p log2(sum_j (|d_j| z)^p) of the precise large-p
+// backward (see PowCoef). The power sum is computed here with the precise arithmetic anyway (it is y's
+// sum), so handing (z, A) on saves the backward a whole pass of logs and exps over every pair.
+inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, int64_t n, double p, float* yp,
+                       float* zs, float* as) {
   if (small_int_p(p)) {
     switch (int(p)) {
       case 1: int_forward<1>(xp, wp, B, N, n, yp); break;
@@ -773,68 +790,92 @@ inline void lp_forward(const float* xp, const float* wp, int64_t B, int64_t N, i
   }
   // m = max |x - w| (tiled), then the rescaled power sum per pair.
   linf_forward(xp, wp, B, N, n, yp, nullptr);
+  const bool precise = needs_offsets(p);
   const float pf = float(p);
   const float tmin = tmin_for(p);
+  const float tprec = precise ? precise_threshold(p, n) : 0.f;
   parallel_tasks(B, B * N * n, [&](int64_t b) {
     FtzGuard ftz;
-      for (int64_t o = 0; o < N; ++o) {
-        const double m = yp[b * N + o];
-        if (m == 0.0) continue;
-        if (!in_scaling_range(m)) {
-          yp[b * N + o] = lp_pair_double(xp + b * n, wp + o * n, n, p);
-          continue;
-        }
-        const float z = float(1.0 / m);
-        const double s = p >= SKIP_P ? pow_sum_pair<true>(xp + b * n, wp + o * n, n, z, pf, tmin)
-                                     : pow_sum_pair<false>(xp + b * n, wp + o * n, n, z, pf, tmin);
-        yp[b * N + o] = float(m * std::exp2(std::log2(s) / p));
+    for (int64_t o = 0; o < N; ++o) {
+      const int64_t k = b * N + o;
+      const float* xr = xp + b * n;
+      const float* wr = wp + o * n;
+      const double m = yp[k];
+      if (m == 0.0) {
+        if (precise) zs[k] = as[k] = 0.f;  // zero distance: zero subgradient
+        continue;
       }
+      if (!in_scaling_range(m)) {
+        yp[k] = lp_pair_double(xr, wr, n, p);
+        if (precise) {
+          zs[k] = -1.f;  // the backward's double-precision path
+          as[k] = offset_double(xr, wr, n, yp[k], p);
+        }
+        continue;
+      }
+      const float z = float(1.0 / m);
+      double s;
+      if (precise)
+        s = p >= SKIP_P ? precise_sum_pair<true>(xr, wr, n, z, pf, tmin, tprec)
+                        : precise_sum_pair<false>(xr, wr, n, z, pf, tmin, tprec);
+      else
+        s = pow_sum_pair<false>(xr, wr, n, z, pf, tmin);
+      yp[k] = float(m * std::exp2(std::log2(s) / p));
+      if (precise) {
+        zs[k] = z;
+        as[k] = (s > 0.0 && std::isfinite(s)) ? float(-(p - 1.0) / p * std::log2(s)) : 0.f;
+      }
+    }
   });
 }
 
-inline bool needs_offsets(double p) { return !small_int_p(p) && p > PRECISE_P; }
-
 // zb, ab: (B, N) scratch (ab only where needs_offsets(p), else may be null). gx / gw may be null (not needed).
+// zs, as: the forward's per-pair state (see lp_forward) where needs_offsets(p), or null: then the backward
+// computes it itself, with z = 1/y, in a pre-pass as costly as the forward's power sums.
 inline void lp_backward(const float* xp, const float* wp, const float* yp, const float* gp, int64_t B, int64_t N,
-                        int64_t n, double p, float* gxp, float* gwp, float* zb, float* ab) {
+                        int64_t n, double p, float* gxp, float* gwp, float* zb, float* ab, const float* zs,
+                        const float* as) {
   const bool is_int = small_int_p(p);
-  const bool precise = !is_int && p > PRECISE_P;
+  const bool precise = needs_offsets(p);
+  const bool saved = precise && zs != nullptr;
   if (!precise) ab = nullptr;
   const float tmin_pre = tmin_for(p);
   const float tprec_pre = precise ? precise_threshold(p, n) : 0.f;
-  parallel_tasks(B, precise ? B * N * n : B * N, [&](int64_t b) {  // (without the pre-pass: a cheap loop)
+  const bool prepass = precise && !saved;
+  parallel_tasks(B, prepass ? B * N * n : B * N, [&](int64_t b) {  // (without the pre-pass: a cheap loop)
     FtzGuard ftz;
-      for (int64_t o = 0; o < N; ++o) {
-        const int64_t k = b * N + o;
-        const double yv = yp[k];
-        float z;
-        if (gp[k] == 0.f)
-          z = 0.f;  // contributes nothing
-        else if (p == 1.0)
-          z = 1.f;  // coefficient sign(d), y unused
-        else if (yv == 0.0)
-          z = 0.f;  // zero distance: zero subgradient (as the reference)
-        else if (in_scaling_range(yv))
-          z = float(1.0 / yv);
-        else
-          z = -1.f;
-        zb[k] = z;
-        if (!precise || z == 0.f) continue;
-        const float* xr = xp + b * n;
-        const float* wr = wp + o * n;
-        double s;
-        if (z > 0.f) {
-          s = p >= SKIP_P ? precise_sum_pair<true>(xr, wr, n, z, float(p), tmin_pre, tprec_pre)
-                          : precise_sum_pair<false>(xr, wr, n, z, float(p), tmin_pre, tprec_pre);
-        } else {
-          s = 0.0;
-          for (int64_t i = 0; i < n; ++i) {
-            const double t = std::fabs(double(xr[i]) - double(wr[i])) / yv;
-            if (t > 0.0) s += std::pow(t, p);
-          }
-        }
-        ab[k] = (s > 0.0 && std::isfinite(s)) ? float(-(p - 1.0) / p * std::log2(s)) : 0.f;
+    for (int64_t o = 0; o < N; ++o) {
+      const int64_t k = b * N + o;
+      const double yv = yp[k];
+      float z;
+      if (gp[k] == 0.f)
+        z = 0.f;  // contributes nothing
+      else if (saved)
+        z = zs[k];
+      else if (p == 1.0)
+        z = 1.f;  // coefficient sign(d), y unused
+      else if (yv == 0.0)
+        z = 0.f;  // zero distance: zero subgradient (as the reference)
+      else if (in_scaling_range(yv))
+        z = float(1.0 / yv);
+      else
+        z = -1.f;
+      zb[k] = z;
+      if (!precise) continue;
+      if (saved || z == 0.f) {
+        ab[k] = saved ? as[k] : 0.f;
+        continue;
       }
+      const float* xr = xp + b * n;
+      const float* wr = wp + o * n;
+      if (z < 0.f) {
+        ab[k] = offset_double(xr, wr, n, yv, p);
+        continue;
+      }
+      const double s = p >= SKIP_P ? precise_sum_pair<true>(xr, wr, n, z, float(p), tmin_pre, tprec_pre)
+                                   : precise_sum_pair<false>(xr, wr, n, z, float(p), tmin_pre, tprec_pre);
+      ab[k] = (s > 0.0 && std::isfinite(s)) ? float(-(p - 1.0) / p * std::log2(s)) : 0.f;
+    }
   });
   const bool nx = gxp != nullptr, nw = gwp != nullptr;
   if (!nx && !nw) return;

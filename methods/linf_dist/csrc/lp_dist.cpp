@@ -56,15 +56,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       nogil());
   m.def(
       "lp_forward",
-      [](ptr x, ptr w, int64_t B, int64_t N, int64_t n, double p, ptr y) {
-        cb::lp_forward(cf(x), cf(w), B, N, n, p, mf(y));
+      [](ptr x, ptr w, int64_t B, int64_t N, int64_t n, double p, ptr y, ptr zs, ptr as) {
+        cb::lp_forward(cf(x), cf(w), B, N, n, p, mf(y), mf(zs), mf(as));
       },
       nogil());
   m.def("needs_offsets", &cb::needs_offsets);
   m.def(
       "lp_backward",
-      [](ptr x, ptr w, ptr y, ptr g, int64_t B, int64_t N, int64_t n, double p, ptr gx, ptr gw, ptr zb, ptr ab) {
-        cb::lp_backward(cf(x), cf(w), cf(y), cf(g), B, N, n, p, mf(gx), mf(gw), mf(zb), mf(ab));
+      [](ptr x, ptr w, ptr y, ptr g, int64_t B, int64_t N, int64_t n, double p, ptr gx, ptr gw, ptr zb, ptr ab,
+         ptr zs, ptr as) {
+        cb::lp_backward(cf(x), cf(w), cf(y), cf(g), B, N, n, p, mf(gx), mf(gw), mf(zb), mf(ab), cf(zs), cf(as));
       },
       nogil());
 }

@@ -191,25 +191,31 @@ def _prepare(*ts: torch.Tensor) -> tuple[ModuleType | None, list[torch.Tensor]]:
 # The backend interface (see methods.linf_dist.reference).
 
 
-def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
+def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, state): for p > 16 (not an integer ≤ 8), ``state`` (2, B, N) holds the per-pair scale and offset of
+    the precise backward (``csrc/kernels.h``, ``lp_forward``), which then skips its own pre-pass."""
     p = float(p)
     ext, cs = _prepare(x, w) if (p >= 1.0 and math.isfinite(p) and _pair_ok(x, w)) else (None, [])
     if ext is None:
         return reference.lp_dist_forward(x, w, p)
     x, w = cs
-    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-    ext.lp_forward(x.data_ptr(), w.data_ptr(), x.shape[0], w.shape[0], x.shape[1], p, y.data_ptr())
-    return y
+    B, N = x.shape[0], w.shape[0]
+    y = torch.empty(B, N, dtype=x.dtype)
+    state = torch.empty(2, B, N, dtype=x.dtype) if ext.needs_offsets(p) else None
+    zs, offsets = (_ptr(state[0]), _ptr(state[1])) if state is not None else (0, 0)
+    ext.lp_forward(x.data_ptr(), w.data_ptr(), B, N, x.shape[1], p, y.data_ptr(), zs, offsets)
+    return y, state
 
 
 def lp_dist_backward(
-    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, g: torch.Tensor, p: float, need_x: bool, need_w: bool
+    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, state: torch.Tensor | None, g: torch.Tensor, p: float,
+    need_x: bool, need_w: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     p = float(p)
     shapes_ok = _pair_ok(x, w) and _out_ok(y, x, w) and _out_ok(g, x, w)
     ext, cs = _prepare(x, w, y) if (p >= 1.0 and math.isfinite(p) and shapes_ok) else (None, [])
     if ext is None or not _float32_cpu(g):
-        return reference.lp_dist_backward(x, w, y, g, p, need_x, need_w)
+        return reference.lp_dist_backward(x, w, y, None, g, p, need_x, need_w)
     x, w, y = cs
     g = g.contiguous()
     if not (need_x or need_w):
@@ -219,8 +225,11 @@ def lp_dist_backward(
     gw = torch.empty_like(w) if need_w else None
     zb = torch.empty(B, N, dtype=x.dtype)
     ab = torch.empty(B, N, dtype=x.dtype) if ext.needs_offsets(p) else None
+    valid = state is not None and ab is not None and tuple(state.shape) == (2, B, N) and _float32_cpu(state[0])
+    zs, offsets = (_ptr(state[0]), _ptr(state[1])) if valid else (0, 0)
     ext.lp_backward(
-        x.data_ptr(), w.data_ptr(), y.data_ptr(), g.data_ptr(), B, N, n, p, _ptr(gx), _ptr(gw), zb.data_ptr(), _ptr(ab)
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), g.data_ptr(), B, N, n, p, _ptr(gx), _ptr(gw), zb.data_ptr(), _ptr(ab),
+        zs, offsets,
     )
     return gx, gw
 

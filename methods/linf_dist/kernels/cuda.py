@@ -327,16 +327,17 @@ def _eligible(*ts: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
-def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
+def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> tuple[torch.Tensor, None]:
+    """(y, None): the CUDA backward recomputes its per-pair offsets (no state is kept)."""
     p = float(p)
     if p >= 1.0 and math.isfinite(p) and _eligible(x, w):
         y = launch_lp_forward(x.contiguous(), w.contiguous(), p)
         if y is not None:
-            return y
+            return y, None
     return reference.lp_dist_forward(x, w, p)
 
 
-def lp_dist_backward(x, w, y, g, p: float, need_x: bool, need_w: bool):
+def lp_dist_backward(x, w, y, state: None, g, p: float, need_x: bool, need_w: bool):
     p = float(p)
     if not (need_x or need_w):
         return None, None
@@ -344,7 +345,7 @@ def lp_dist_backward(x, w, y, g, p: float, need_x: bool, need_w: bool):
         out = launch_lp_backward(x.contiguous(), w.contiguous(), y.contiguous(), g.contiguous(), p, need_x, need_w)
         if out is not None:
             return out
-    return reference.lp_dist_backward(x, w, y, g, p, need_x, need_w)
+    return reference.lp_dist_backward(x, w, y, None, g, p, need_x, need_w)
 
 
 def linf_dist_forward(x: torch.Tensor, w: torch.Tensor):
