@@ -33,7 +33,6 @@ import ctypes
 import ctypes.util
 import math
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from bench.errors import BenchError
+from bench.machine import cpu_model
 from bench.store import atomic_write_json
 
 CPU_SHAPE = (512, 1024, 1024)  # (B, n_in, n_out)
@@ -284,15 +284,7 @@ def measure(
 
 
 def machine_description(device: torch.device) -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    text = f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if hasattr(os, "getloadavg"):
         text += ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     if device.type == "cuda":

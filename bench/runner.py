@@ -26,6 +26,7 @@ from bench import data as datamod
 from bench.config import Cell, Suite, load_suite, parse_overrides
 from bench.errors import BenchError
 from bench.evaluate import evaluate
+from bench.machine import device_name
 from bench.store import (
     SCHEMA_VERSION,
     atomic_write_bytes,
@@ -53,20 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise BenchError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def _git_commit() -> str:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 _MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -22,3 +23,12 @@ def data_dir() -> Path:
     if not (root / "MNIST" / "raw").is_dir():
         pytest.skip(f"no MNIST data under {root}; set BENCH_DATA_DIR")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (thread hand-off would cost more than the work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

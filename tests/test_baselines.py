@@ -23,17 +23,11 @@ from methods.cnn import ARCHITECTURES, architecture, build_cnn, ibp_init
 from methods.crown_ibp.losses import robust_ce, warmup_regularisers
 from methods.crown_ibp.schedule import EpsSchedule, mixing, step_lr
 
+# These models are tiny: one intra-op thread avoids thread hand-off costs (large on a shared CPU).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASELINES = ("ibp", "crown-ibp", "crown-ibp-fast")
 MNIST, CIFAR = dataset_info("mnist"), dataset_info("cifar10")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread avoids thread hand-off costs (large on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- models ---------------------------------------------------------------------------------------------

@@ -15,17 +15,11 @@ from methods.bounds.engine import BoundNet
 from methods.bounds.layers import Affine, bound_layer
 from methods.normalize import Normalize
 
+# These models are tiny: one intra-op thread avoids thread hand-off costs (large on a shared CPU).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 METHODS = ("ibp", "crown-ibp", "crown")
 D = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread avoids thread hand-off costs (large on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
