@@ -68,6 +68,7 @@ values, empty shapes) to ``methods.linf_dist.reference``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import platform
 import threading
@@ -103,6 +104,9 @@ def _flags() -> list[str]:
 
 
 def _build() -> ModuleType:
+    # A CUDA build of torch on a machine without CUDA warns "No CUDA runtime is found" when this module is
+    # imported; these kernels are CPU code, so that line is only noise on every run.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load
 
     flags = _flags()
