@@ -214,7 +214,7 @@ def test_recipe_steps_report_the_schedules_and_skip_unneeded_bounds(monkeypatch:
     assert (mid["eps"], mid["beta"], mid["kappa"]) == pytest.approx((0.05, 0.5, 0.75))
     end = recipe.step(x, y, epoch=2, batch=0)
     assert calls[-1] == ("ibp",) and (end["eps"], end["beta"], end["kappa"]) == pytest.approx((0.1, 0.0, 0.5))
-    assert set(clean) == set(mid) == set(end) == {"eps", "lr", "kappa", "beta", "reg", "loss", "acc", "robust_acc"}
+    assert set(clean) == set(mid) == set(end) == {"eps", "lr", "kappa", "beta", "reg", "loss", "acc", "train_certified"}
 
 
 def test_regularisers_run_during_the_clean_warmup_at_a_tiny_radius() -> None:

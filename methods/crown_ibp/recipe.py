@@ -70,7 +70,7 @@ class BoundTrainingRecipe(Recipe):
         self.optimizer.step()
         if lower is None:
             lower = torch.einsum("bsk,bk->bs", margin_spec(y, logits.shape[1], logits.dtype), logits.detach())
-        stats["robust_acc"] = certified(lower).float().mean().item()
+        stats["train_certified"] = certified(lower).float().mean().item()
         stats["loss"] = loss.item()
         stats["acc"] = (logits.argmax(dim=1) == y).float().mean().item()
         return stats

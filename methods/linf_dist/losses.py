@@ -19,6 +19,12 @@ def normalised_worst_margins(z: torch.Tensor, y: torch.Tensor, eps: float) -> to
     return m.scatter(1, y[:, None], 0.0)
 
 
+def worst_violation(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{j≠y} m_j per sample, for worst-case score differences m (B, K): negative ⇔ the training bound
+    certifies the sample (the v2 logs' "certified (fake)": current p, batch-mean shift, ε_train)."""
+    return m.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+
+
 def clipped_hinge(z: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """mean_b clip(max_j M̃_j, 0, 1) = mean_b min(max(0, 1 − margin/θ), 1): only samples with
     0 < margin < θ get a gradient; misclassified ones count 1 (spec §4.8 ``mixture``)."""

@@ -30,7 +30,13 @@ from methods.base import (
     register,
 )
 from methods.linf_dist.layers import dist_layers, set_p
-from methods.linf_dist.losses import hinge_loss, hybrid_loss, worst_case_cross_entropy
+from methods.linf_dist.losses import (
+    hinge_loss,
+    hybrid_loss,
+    normalised_worst_margins,
+    worst_case_cross_entropy,
+    worst_violation,
+)
 from methods.linf_dist.models import (
     SCALAR_STD,
     head_worst_differences,
@@ -50,7 +56,9 @@ _AUGMENT = {
     "cifar10": Augmentation(crop_padding=3, padding_mode="edge", hflip=True),
 }
 
-LossFn = Callable[[nn.Sequential, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[nn.Sequential, torch.Tensor, torch.Tensor, float, float],
+                  tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(model, x, y, ε, λ) -> (loss, logits, per-sample worst violation: < 0 where the training bound certifies)."""
 
 
 def _fraction(cfg: Mapping[str, Any], key: str) -> Fraction:
@@ -106,13 +114,14 @@ class LinfDistRecipe(Recipe):
         eps = self.eps_train * self.schedule.eps_factor(epoch, batch)
         lam = self.lam(epoch, batch)
         self.model.train()
-        loss, logits = self.loss(self.model, x, y, eps, lam)
+        loss, logits, violation = self.loss(self.model, x, y, eps, lam)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         acc = (logits.argmax(dim=1) == y).float().mean().item()
-        return {"loss": loss.item(), "acc": acc, "p": p, "lam": lam, "lr": self.optimizer.param_groups[0]["lr"],
-                "eps": eps}
+        certified = (violation < 0).float().mean().item()
+        return {"loss": loss.item(), "acc": acc, "train_certified": certified, "p": p, "lam": lam,
+                "lr": self.optimizer.param_groups[0]["lr"], "eps": eps}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
@@ -122,17 +131,18 @@ class LinfDistRecipe(Recipe):
 
 
 def _mixture(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     z = model[:-1](x)
     logits = model[-1](z)
-    return hybrid_loss(z, logits, y, eps, lam), logits
+    return hybrid_loss(z, logits, y, eps, lam), logits, worst_violation(normalised_worst_margins(z, y, eps), y)
 
 
 def _hinge(mix: float) -> LossFn:
     def loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = model[:-1](x)
-        return hinge_loss(z, y, eps, mix), model[-1](z)
+        violation = worst_violation(normalised_worst_margins(z, y, eps), y)
+        return hinge_loss(z, y, eps, mix), model[-1](z), violation
 
     return loss
 
@@ -142,13 +152,14 @@ def _worst_case_ce(clean_mix: float) -> LossFn:
     dist features through the MLP head (spec §4.7; IBP only at certification)."""
 
     def loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = model[:-3](x)
         head = model[-3:]
         logits = head(h)
         r = head_worst_differences(head, h - eps, h + eps, y)
         ce = worst_case_cross_entropy(r, y)
-        return (1.0 - clean_mix) * ce + clean_mix * F.cross_entropy(logits, y), logits
+        loss = (1.0 - clean_mix) * ce + clean_mix * F.cross_entropy(logits, y)
+        return loss, logits, worst_violation(r, y)
 
     return loss
 
