@@ -60,9 +60,23 @@ class Evaluation:
         c = self.counts()
         return {k: c[k] / c["n"] for k in ("clean", "pgd", "certified")}
 
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, str]], certifier: str) -> Evaluation:
+        """Read back ``verdicts.csv`` rows (as written by ``rows``)."""
+        return cls([int(r["index"]) for r in rows], [int(r["label"]) for r in rows],
+                   [r["clean"] == "1" for r in rows], [r["pgd"] == "1" for r in rows],
+                   [r["certified"] == "1" for r in rows], certifier)
+
 
 def _timed(timings: dict[str, float], key: str, start: float) -> None:
     timings[key] += time.perf_counter() - start
+
+
+def _check_sound(idx: torch.Tensor, certified: torch.Tensor, pgd: torch.Tensor, certifier: str) -> None:
+    broken = (certified.cpu() & ~pgd.cpu()).bool()
+    if broken.any():
+        bad = idx[broken].tolist()
+        raise UnsoundCertificate(f"certifier {certifier} certified test points {bad[:5]} that PGD breaks")
 
 
 def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[int, int], eps: float,
@@ -94,13 +108,33 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
         _timed(result.timings_s, "certify", t)
         result.certifier = cert.certifier
 
-        broken = cert.certified & ~pgd
-        if broken.any():
-            bad = idx[broken.cpu()].tolist()
-            raise UnsoundCertificate(f"certifier {cert.certifier} certified test points {bad[:5]} that PGD breaks")
+        _check_sound(idx, cert.certified, pgd, cert.certifier)
         result.index += idx.tolist()
         result.label += y.cpu().tolist()
         result.clean += clean.cpu().tolist()
         result.pgd += pgd.cpu().tolist()
         result.certified += cert.certified.cpu().tolist()
+    return result
+
+
+def recertify(method: Method, model: nn.Module, split: Split, previous: Evaluation, eps: float, batch_size: int,
+              device: torch.device, certifier: str) -> Evaluation:
+    """The test points of ``previous`` (a finished evaluation of the same model) under another verifier.
+
+    Clean and PGD verdicts do not depend on the verifier and are taken from ``previous``; the new
+    certificates are checked against its PGD verdicts exactly as in ``evaluate``.
+    """
+    result = Evaluation(previous.index, previous.label, previous.clean, previous.pgd, [], certifier)
+    start, stop = previous.index[0], previous.index[-1] + 1
+    if previous.index != list(range(start, stop)):
+        raise BenchError("the finished evaluation does not cover one contiguous test range")
+    pgd = torch.tensor(previous.pgd)
+    for idx, x, y in test_batches(split, start, stop, batch_size, device):
+        t = time.perf_counter()
+        cert = method.certify(model, x, y, eps, certifier)
+        _timed(result.timings_s, "certify", t)
+        _check_sound(idx, cert.certified, pgd[idx - start], cert.certifier)
+        result.certifier = cert.certifier
+        result.certified += cert.certified.cpu().tolist()
+    result.timings_s = {"certify": result.timings_s["certify"]}
     return result

@@ -25,9 +25,10 @@ import torch
 from bench import data as datamod
 from bench.config import Cell, Suite, load_suite, parse_overrides
 from bench.errors import BenchError
-from bench.evaluate import evaluate
+from bench.evaluate import Evaluation, evaluate, recertify
 from bench.machine import device_name
 from bench.store import (
+    RESULT_FILE,
     SCHEMA_VERSION,
     atomic_write_bytes,
     atomic_write_json,
@@ -37,7 +38,9 @@ from bench.store import (
     format_eps,
     load_result,
     parse_eps,
+    read_csv,
     remove_stale_temporaries,
+    result_file,
     write_csv,
 )
 from methods import base as registry
@@ -87,7 +90,6 @@ class RunOptions:
     out: Path
     data_dir: Path
     device: torch.device
-    certifier: str | None
     progress: bool
 
 
@@ -98,7 +100,7 @@ def cell_folder(cell: Cell, out: Path) -> Path:
 def cell_state(cell: Cell, out: Path) -> str:
     """done / stale (finished under another config) / partial / corrupt / missing."""
     folder = cell_folder(cell, out)
-    result = folder / "result.json"
+    result = folder / RESULT_FILE
     if result.exists():
         try:
             record = load_result(result).record
@@ -180,10 +182,30 @@ def _save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _provenance(opts: RunOptions, started: datetime, timings: dict[str, float]) -> dict[str, Any]:
+    return {
+        "versions": versions(),
+        "device": opts.device.type,
+        "device_name": device_name(opts.device),
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _write_verdicts(folder: Path, name: str, ev: Evaluation) -> None:
+    write_csv(folder / name, ["index", "label", "clean", "pgd", "certified", "verdict"], ev.rows())
+
+
 def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> dict[str, Any]:
+    """Train (or resume) and evaluate one cell under its method's own verifier; write ``result.json``."""
     folder = cell_folder(cell, opts.out)
     ensure_writable(folder)
     remove_stale_temporaries(folder)
+    for old in [*folder.glob(result_file("*")), *folder.glob("verdicts-*.csv")]:
+        old.unlink()  # other verifiers' records of a previous model of this cell
     method = registry.get(cell.method)
     started = datetime.now(timezone.utc)
     config_record = {
@@ -202,10 +224,9 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
     _save(folder / MODEL, model.state_dict())
 
     ev = evaluate(method, model, splits[False], cell.scale.test_range, float(cell.eps), cell.scale.pgd_steps,
-                  cell.scale.pgd_restarts, cell.scale.eval_batch_size, opts.device, cell.seed, opts.certifier,
+                  cell.scale.pgd_restarts, cell.scale.eval_batch_size, opts.device, cell.seed, None,
                   progress=opts.progress)
-    write_csv(folder / "verdicts.csv", ["index", "label", "clean", "pgd", "certified", "verdict"], ev.rows())
-    finished = datetime.now(timezone.utc)
+    _write_verdicts(folder, "verdicts.csv", ev)
     timings = {"train": train_s, **ev.timings_s}
     timings["total"] = sum(timings.values())
     record = {
@@ -220,21 +241,50 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
         "eps": {"test": format_eps(cell.eps), "train": str(cell.config.get("eps_train", format_eps(cell.eps)))},
         "attack": {"name": "pgd", "steps": cell.scale.pgd_steps, "restarts": cell.scale.pgd_restarts,
                    "step_size_over_eps": 0.25, "loss": "cross-entropy", "counted_broken": "any iterate"},
-        "provenance": {
-            "versions": versions(),
-            "device": opts.device.type,
-            "device_name": device_name(opts.device),
-            "threads": torch.get_num_threads(),
-            "host": platform.node(),
-            "started": started.isoformat(timespec="seconds"),
-            "finished": finished.isoformat(timespec="seconds"),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        },
+        "provenance": _provenance(opts, started, timings),
         "files": {"verdicts": "verdicts.csv", "train_log": "train_log.csv", "model": MODEL, "config": "config.json"},
     }
-    atomic_write_json(folder / "result.json", record)
+    atomic_write_json(folder / RESULT_FILE, record)
     (folder / CHECKPOINT).unlink(missing_ok=True)
     return record
+
+
+def certify_cell(cell: Cell, opts: RunOptions, test: datamod.Split, certifier: str) -> dict[str, Any]:
+    """Certify a finished cell's model with another verifier; write ``result-<certifier>.json``.
+
+    The trained model, clean and PGD verdicts are the cell's own (``result.json``); only the certificates
+    are new, and they are checked against the PGD verdicts like any other.
+    """
+    from bench import load_model
+
+    folder = cell_folder(cell, opts.out)
+    started = datetime.now(timezone.utc)
+    main = load_result(folder / RESULT_FILE).record
+    try:
+        previous = Evaluation.from_rows(read_csv(folder / "verdicts.csv"), main["certifier"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise BenchError(f"{folder}/verdicts.csv is missing or corrupt ({exc.__class__.__name__}); "
+                         "delete result.json to re-run the cell") from None
+    method = registry.get(cell.method)
+    model = load_model(folder, str(opts.device))
+    ev = recertify(method, model, test, previous, float(cell.eps), cell.scale.eval_batch_size, opts.device,
+                   certifier)
+    verdicts = f"verdicts-{certifier}.csv"
+    _write_verdicts(folder, verdicts, ev)
+    record = {**main, "metrics": ev.metrics(), "counts": ev.counts(), "certifier": ev.certifier,
+              "provenance": _provenance(opts, started, {**ev.timings_s, "total": ev.timings_s["certify"]}),
+              "files": {**main["files"], "verdicts": verdicts}}
+    atomic_write_json(folder / result_file(certifier), record)
+    return record
+
+
+def extra_certifier_state(cell: Cell, out: Path, certifier: str) -> str:
+    """done / missing for a cell's record under another verifier (corrupt ones are redone too)."""
+    try:
+        load_result(cell_folder(cell, out) / result_file(certifier))
+    except BenchError:
+        return "missing"
+    return "done"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -263,8 +313,33 @@ def select_cells(args: argparse.Namespace) -> tuple[Suite, list[Cell]]:
     return suite, suite.cells(args.scale, args.methods, eps, seeds, parse_overrides(args.set or []))
 
 
+def _check_certifier(cells: list[Cell], certifier: str | None) -> None:
+    if certifier is None:
+        return
+    unable = sorted({c.method for c in cells if certifier not in registry.get(c.method).certifiers})
+    if unable:
+        verifiers = "; ".join(f"{m}: {', '.join(registry.get(m).certifiers)}" for m in unable)
+        raise BenchError(f"--certifier {certifier} does not apply to {', '.join(unable)} ({verifiers}); "
+                         "choose the methods with --methods")
+
+
+def _needs_recertify(cell: Cell, out: Path, certifier: str | None) -> bool:
+    """Whether a finished cell still lacks a record under ``certifier`` (its own verifier needs none)."""
+    if certifier is None:
+        return False
+    own = load_result(cell_folder(cell, out) / RESULT_FILE).record["certifier"]
+    return own != certifier and extra_certifier_state(cell, out, certifier) != "done"
+
+
+def _summary(record: dict[str, Any]) -> str:
+    m = record["metrics"]
+    return (f"  clean {m['clean']:.2%}  pgd {m['pgd']:.2%}  certified {m['certified']:.2%} "
+            f"({record['certifier']}, {record['provenance']['timings_s']['total']:.0f}s)")
+
+
 def run_command(args: argparse.Namespace) -> int:
     suite, cells = select_cells(args)
+    _check_certifier(cells, args.certifier)
     out = Path(args.out)
     states = {cell: cell_state(cell, out) for cell in cells}
     device = resolve_device(args.device)
@@ -279,16 +354,17 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"  {cell.label}: unreadable result file, re-running the cell", file=sys.stderr)
         if states[cell] == "stale":
             print(f"  {cell.label}: finished under a different config, re-running the cell", file=sys.stderr)
-    if todo:
+    if todo or any(_needs_recertify(c, out, args.certifier) for c in cells if states[c] == "done"):
         root = datamod.data_dir(args.data_dir)
         splits = {flag: datamod.load_split(suite.dataset, flag, root) for flag in (True, False)}
-        opts = RunOptions(out, root, device, args.certifier, not args.no_progress)
+        opts = RunOptions(out, root, device, not args.no_progress)
         for i, cell in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {cell.label}", file=sys.stderr)
-            record = run_cell(cell, opts, splits)
-            m = record["metrics"]
-            print(f"  clean {m['clean']:.2%}  pgd {m['pgd']:.2%}  certified {m['certified']:.2%} "
-                  f"({record['certifier']}, {record['provenance']['timings_s']['total']:.0f}s)", file=sys.stderr)
+            print(_summary(run_cell(cell, opts, splits)), file=sys.stderr)
+        for cell in cells:
+            if _needs_recertify(cell, out, args.certifier):
+                print(f"{cell.label}: certifying with {args.certifier}", file=sys.stderr)
+                print(_summary(certify_cell(cell, opts, splits[False], args.certifier)), file=sys.stderr)
     _print_table(out, args.scale, suite.name)
     return 0
 
@@ -329,7 +405,9 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every cell (default 0)")
     p.add_argument("--seeds", help="several seeds: N, A-B or a comma list (overrides --seed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method config value")
-    p.add_argument("--certifier", help="verifier to certify with (default: the method's own)")
+    p.add_argument("--certifier", help="also certify every cell's model with this verifier (ibp, crown-ibp, crown, "
+                                       "linf-interval; default: only the method's own); written beside the cell "
+                                       "as result-<certifier>.json")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--estimate", action="store_true",
                    help="with --dry-run: time a few training steps per pending cell to estimate its cost")

@@ -9,7 +9,9 @@ Layout: ``<out>/<scale>/<suite>/<dataset>/eps_<a>-<b>/<method>/seed<N>/`` holdin
 - ``train_log.csv`` one row per epoch (epoch, wall_s, and the recipe's values: loss, p, lam, lr, ...);
 - ``config.json``  the effective configuration of the cell (written before training starts);
 - ``model.pt``     final weights (``state_dict``; loaded with ``weights_only=True``);
-- ``checkpoint.pt`` the last finished epoch (model, recipe and RNG state) while the cell is partial.
+- ``checkpoint.pt`` the last finished epoch (model, recipe and RNG state) while the cell is partial;
+- ``result-<certifier>.json`` and ``verdicts-<certifier>.csv`` (optional): the same model certified by
+  another verifier (``run --certifier``), one pair per verifier.
 
 ``result.json`` (``SCHEMA_VERSION`` 1)::
 
@@ -48,6 +50,14 @@ from bench.errors import BenchError
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
+"""The record of a cell under its method's own verifier: its presence (complete) makes the cell done."""
+
+
+def result_file(certifier: str | None = None) -> str:
+    """``result.json``, or ``result-<certifier>.json`` for the same trained model under another verifier
+    (``run --certifier``): same schema, clean and PGD copied from the main record, ``certified`` re-measured."""
+    return RESULT_FILE if certifier is None else f"result-{certifier}.json"
+
 REQUIRED_KEYS = ("schema", "status", "cell", "metrics", "n_examples", "index_range", "certifier", "config",
                  "provenance")
 
@@ -154,8 +164,9 @@ def load_result(path: Path) -> LoadedResult:
 
 
 def iter_results(root: Path) -> Iterator[tuple[Path, LoadedResult | BenchError]]:
-    """Every ``result.json`` below ``root`` in sorted order, loaded or with the reason it is unusable."""
-    for path in sorted(root.rglob(RESULT_FILE)):
+    """Every result file (``result.json`` and ``result-<certifier>.json``) below ``root`` in sorted order,
+    loaded or with the reason it is unusable."""
+    for path in sorted(root.rglob("result*.json")):
         try:
             yield path, load_result(path)
         except BenchError as exc:

@@ -64,6 +64,39 @@ def test_rerun_skips_finished_cells(smoke_results: Path, data_dir: Path, capsys:
     assert result.read_bytes() == before
 
 
+def test_another_verifier_adds_a_record_for_the_same_model(smoke_results: Path, data_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --certifier` re-certifies finished models (no retraining) and the report shows both rows."""
+    folder = cell(smoke_results, "ibp")
+    own = load_result(folder / "result.json").record
+    args = ["run", "--suite", "mnist", "--scale", "smoke", "--eps", EPS, "--methods", "ibp", "--certifier", "crown",
+            "--data-dir", str(data_dir), "--out", str(smoke_results), "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "0 to run" in err and "certifying with crown" in err
+    extra = load_result(folder / "result-crown.json").record
+    assert extra["certifier"] == "crown" and own["certifier"] == "ibp"
+    assert (extra["metrics"]["clean"], extra["metrics"]["pgd"]) == (own["metrics"]["clean"], own["metrics"]["pgd"])
+    assert extra["metrics"]["pgd"] >= extra["metrics"]["certified"]
+    assert (folder / "verdicts-crown.csv").is_file()
+    assert load_result(folder / "result.json").record == own
+    # Done once: a second run neither retrains nor re-certifies.
+    assert main(args) == 0
+    assert "certifying" not in capsys.readouterr().err
+    from bench.report import build_suite_report
+
+    rows = [r for r in build_suite_report(smoke_results, "smoke", "mnist").rows if r.ours and r.method_id == "ibp"]
+    assert sorted(r.certifier for r in rows) == ["crown", "ibp"]
+
+
+def test_a_verifier_a_method_cannot_use_is_a_clear_error(smoke_results: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--suite", "mnist", "--scale", "smoke", "--eps", EPS, "--methods", "linf-dist",
+                 "--certifier", "crown", "--out", str(smoke_results), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --certifier crown does not apply to linf-dist") and "Traceback" not in err
+
+
 @pytest.fixture(scope="session")
 def deployed(smoke_results: Path, data_dir: Path):
     folder = cell(smoke_results, "linf-dist")

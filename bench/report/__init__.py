@@ -118,7 +118,8 @@ def _write_figures(report: SuiteReport, out: Path) -> list[render.FigureFile]:
                      plots.certified_vs_eps(_eps_series(dataset, runs, report), f"{name}, {report.scale}")))
     cells: dict[str, list[Run]] = defaultdict(list)
     for run in report.runs:
-        cells[run.group].append(run)
+        if not run.variant:  # a re-certified model has the training log of its cell
+            cells[run.group].append(run)
     for group, runs in sorted(cells.items()):
         first = runs[0]
         title = (f"Training: {first.method}, {DISPLAY_NAMES.get(first.dataset, first.dataset)} "
@@ -142,17 +143,18 @@ def _write_figures(report: SuiteReport, out: Path) -> list[render.FigureFile]:
 
 def _eps_series(dataset: str, runs: Sequence[Run], report: SuiteReport) -> list[plots.Series]:
     """Our certified accuracy per method over ε, and the published points of the row each method reproduces."""
-    by_method: dict[str, dict[Fraction, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_method: dict[tuple[str, str], dict[Fraction, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        by_method[run.method][run.eps].append(run.certified)
+        by_method[(run.method, run.variant)][run.eps].append(run.certified)
     series = []
-    for method, per_eps in sorted(by_method.items()):
+    for (method, variant), per_eps in sorted(by_method.items()):
         points = []
         for eps, values in sorted(per_eps.items()):
             stat = Stat.of(values)
             points.append(plots.Point(eps, stat.median, stat.low, stat.high))
-        series.append(plots.Series(f"ours: {method}", "ours", method, tuple(points)))
-        if method in report.cards:
+        label = f"ours: {method}" + (f" ({variant[1:]} verifier)" if variant else "")
+        series.append(plots.Series(label, "ours", method, tuple(points)))
+        if method in report.cards and not variant:
             published = sorted((r for r in card_rows(report.cards[method], report.reference)
                                 if r.dataset == dataset and r.certified is not None), key=lambda r: r.eps)
             if published:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from bench.errors import BenchError
-from bench.store import RESULT_FILE, LoadedResult, eps_slug, iter_results, parse_eps, read_csv
+from bench.store import RESULT_FILE, LoadedResult, eps_slug, iter_results, parse_eps, read_csv, result_file
 
 TRAIN_LOG = "train_log.csv"
 DEFAULT_RESULTS = Path("results")
@@ -44,11 +44,19 @@ class Run:
     device: str
     attack: str
     folder: Path
+    variant: str = ""
+    """"" for the cell's own record (``result.json``); ``@<certifier>`` for the same model under another
+    verifier (``result-<certifier>.json``), which is a row of its own."""
+
+    @property
+    def cell(self) -> str:
+        """The cell folder relative to the results root."""
+        return self.key.removesuffix(self.variant)
 
     @property
     def group(self) -> str:
         """The key without the seed: the runs of one table row."""
-        return self.key.rsplit("/", 1)[0]
+        return self.cell.rsplit("/", 1)[0] + self.variant
 
 
 def read_runs(root: Path, scale: str | None = None, suite: str | None = None) -> tuple[list[Run], list[str]]:
@@ -112,14 +120,18 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
     rec: dict[str, Any] = loaded.record
     cell, metrics, prov = rec["cell"], rec["metrics"], rec["provenance"]
     eps = parse_eps(cell["eps"])
-    key = "/".join([cell["scale"], cell["suite"], cell["dataset"], eps_slug(eps), cell["method"],
-                    f"seed{int(cell['seed'])}"])
+    cell_key = "/".join([cell["scale"], cell["suite"], cell["dataset"], eps_slug(eps), cell["method"],
+                         f"seed{int(cell['seed'])}"])
     where = loaded.folder.relative_to(root).as_posix()
-    if where != key:
-        raise ValueError(f"its cell fields say {key} but it lies in {where}")
+    if where != cell_key:
+        raise ValueError(f"its cell fields say {cell_key} but it lies in {where}")
+    certifier = str(rec["certifier"])
+    variant = "" if loaded.path.name == RESULT_FILE else f"@{certifier}"
+    if variant and loaded.path.name != result_file(certifier):
+        raise ValueError(f"it holds {certifier} certificates but is named {loaded.path.name}")
     attack = rec.get("attack", {})
     return Run(
-        key=key,
+        key=cell_key + variant,
         scale=cell["scale"],
         suite=cell["suite"],
         dataset=cell["dataset"],
@@ -130,12 +142,13 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
         pgd=float(metrics["pgd"]),
         certified=float(metrics["certified"]),
         n_examples=int(rec["n_examples"]),
-        certifier=str(rec["certifier"]),
+        certifier=certifier,
         wall_s=float(prov["timings_s"]["total"]),
         versions={str(k): str(v) for k, v in prov.get("versions", {}).items()},
         device=str(prov.get("device_name") or prov["device"]),
         attack=_attack_text(attack),
         folder=loaded.folder,
+        variant=variant,
     )
 
 

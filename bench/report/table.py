@@ -67,17 +67,18 @@ class TableRow:
 def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow],
                cards: Mapping[str, MethodCard]) -> list[TableRow]:
     """The table of the runs' (dataset, ε) groups, sorted by dataset id and ε."""
-    cells: dict[tuple[str, Fraction, str], list[Run]] = defaultdict(list)
+    cells: dict[tuple[str, Fraction, str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        cells[(run.dataset, run.eps, run.method)].append(run)
+        cells[(run.dataset, run.eps, run.method, run.variant)].append(run)
     reproduced = {name: card_rows(card, reference) for name, card in cards.items()}
 
     rows: list[TableRow] = []
-    for dataset, eps in sorted({(d, e) for d, e, _ in cells}):
+    for dataset, eps in sorted({(d, e) for d, e, _, _ in cells}):
         published = [r for r in reference if r.dataset == dataset and r.eps == eps]
-        ours = sorted((method, group) for (d, e, method), group in cells.items() if (d, e) == (dataset, eps))
+        ours = sorted((method, variant, group) for (d, e, method, variant), group in cells.items()
+                      if (d, e) == (dataset, eps))
         placed: dict[int | None, list[TableRow]] = defaultdict(list)
-        for method, group in ours:
+        for method, _, group in ours:
             target = next((i for i, r in enumerate(published) if r in reproduced.get(method, [])), None)
             label = cards[method].reference_label if method in cards else method
             placed[target].append(_our_row(label, method, group, None if target is None else published[target]))
@@ -104,6 +105,8 @@ def _our_row(label: str, method: str, runs: list[Run], paper: ReferenceRow | Non
     if paper is not None and paper.certified is not None:
         delta = stats["certified"].median - paper.certified
     who = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds"
+    if runs[0].variant:
+        who += f", re-certified with {runs[0].certifier}"
     return TableRow(
         ours=True, dataset=runs[0].dataset, eps=runs[0].eps, method=label, reference=f"ours ({method}, {who})",
         notes="", clean=stats["clean"], pgd=stats["pgd"], certified=stats["certified"], delta=delta,
