@@ -63,8 +63,9 @@ def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        # Result files are outputs, not code: a run that rewrites committed results is not "dirty".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               cwd=root, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return "unknown"
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
