@@ -92,6 +92,8 @@ class RunOptions:
     data_dir: Path
     device: torch.device
     progress: bool
+    versions: dict[str, str]
+    """Taken when the run starts: the code that runs, even if the checkout changes while it does."""
 
 
 def cell_folder(cell: Cell, out: Path) -> Path:
@@ -185,7 +187,7 @@ def _save(path: Path, obj: Any) -> None:
 
 def _provenance(opts: RunOptions, started: datetime, timings: dict[str, float]) -> dict[str, Any]:
     return {
-        "versions": versions(),
+        "versions": opts.versions,
         "device": opts.device.type,
         "device_name": device_name(opts.device),
         "threads": torch.get_num_threads(),
@@ -358,7 +360,7 @@ def run_command(args: argparse.Namespace) -> int:
     if todo or any(_needs_recertify(c, out, args.certifier) for c in cells if states[c] == "done"):
         root = datamod.data_dir(args.data_dir)
         splits = {flag: datamod.load_split(suite.dataset, flag, root) for flag in (True, False)}
-        opts = RunOptions(out, root, device, not args.no_progress)
+        opts = RunOptions(out, root, device, not args.no_progress, versions())
         for i, cell in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {cell.label}", file=sys.stderr)
             print(_summary(run_cell(cell, opts, splits)), file=sys.stderr)
