@@ -17,7 +17,7 @@ import bench
 from bench.attacks import pgd_robust, random_robust
 from bench.cli import main
 from bench.data import load_split, to_pixels
-from bench.store import load_result
+from bench.store import load_result, read_csv
 from methods import base as registry
 
 EPS = "1/10"
@@ -53,6 +53,10 @@ def test_smoke_cell_writes_a_consistent_result(smoke_results: Path, method: str)
     certified = sum(line.split(",")[4] == "1" for line in verdicts[1:])
     assert certified == record["counts"]["certified"]
     assert json.loads((folder / "config.json").read_text())["cell"]["method"] == method
+    # Every recipe logs, per epoch, the fraction of training points its training bound certifies.
+    log = read_csv(folder / "train_log.csv")
+    assert len(log) == record["config"]["epochs"]
+    assert all(0.0 <= float(row["train_certified"]) <= 1.0 for row in log)
 
 
 def test_rerun_skips_finished_cells(smoke_results: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
