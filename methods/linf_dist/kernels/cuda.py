@@ -190,6 +190,19 @@ if triton is not None:
         return tl.where(s >= 0.0, c, -c)
 
     @triton.jit
+    def _pair_state(z_ptr, a_ptr, g_ptr, rb, rn, B, N, PRECISE: tl.constexpr):
+        """The forward's per-pair state (z, offset a) and the output gradient g for a (rb, rn) tile."""
+        pair = (rb[:, None] < B) & (rn[None, :] < N)
+        po = rb[:, None] * N + rn[None, :]
+        z = tl.load(z_ptr + po, mask=pair, other=0.0)
+        g = tl.load(g_ptr + po, mask=pair, other=0.0)
+        if PRECISE:
+            a = tl.load(a_ptr + po, mask=pair, other=0.0)
+        else:
+            a = z
+        return z, a, g
+
+    @triton.jit
     def _grad_x_kernel(x_ptr, w_ptr, z_ptr, a_ptr, g_ptr, gx_ptr, B, N, K, pm1, tmin,
                        P1: tl.constexpr, PRECISE: tl.constexpr,
                        BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -200,14 +213,7 @@ if triton is not None:
         acc = tl.zeros((BB, BK), tl.float32)
         for n0 in range(0, N, BN):
             rn = n0 + tl.arange(0, BN)
-            pair = (rb[:, None] < B) & (rn[None, :] < N)
-            po = rb[:, None] * N + rn[None, :]
-            z = tl.load(z_ptr + po, mask=pair, other=0.0)
-            g = tl.load(g_ptr + po, mask=pair, other=0.0)
-            if PRECISE:
-                a = tl.load(a_ptr + po, mask=pair, other=0.0)
-            else:
-                a = z
+            z, a, g = _pair_state(z_ptr, a_ptr, g_ptr, rb, rn, B, N, PRECISE)
             wv = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & kin[None, :], other=0.0)
             c = _coef(xv[:, None, :], wv[None, :, :], z[:, :, None], a[:, :, None], pm1, tmin, P1, PRECISE)
             acc += tl.sum(c * g[:, :, None], axis=1)
@@ -224,14 +230,7 @@ if triton is not None:
         acc = tl.zeros((BN, BK), tl.float32)
         for b0 in range(0, B, BB):
             rb = b0 + tl.arange(0, BB)
-            pair = (rb[:, None] < B) & (rn[None, :] < N)
-            po = rb[:, None] * N + rn[None, :]
-            z = tl.load(z_ptr + po, mask=pair, other=0.0)
-            g = tl.load(g_ptr + po, mask=pair, other=0.0)
-            if PRECISE:
-                a = tl.load(a_ptr + po, mask=pair, other=0.0)
-            else:
-                a = z
+            z, a, g = _pair_state(z_ptr, a_ptr, g_ptr, rb, rn, B, N, PRECISE)
             xv = tl.load(x_ptr + rb[:, None] * K + rk[None, :], mask=(rb[:, None] < B) & kin[None, :], other=0.0)
             c = _coef(xv[:, None, :], wv[None, :, :], z[:, :, None], a[:, :, None], pm1, tmin, P1, PRECISE)
             acc -= tl.sum(c * g[:, :, None], axis=0)
