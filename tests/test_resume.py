@@ -31,9 +31,16 @@ def folder(out: Path) -> Path:
     return out / "smoke" / "mnist" / "mnist" / "eps_1-10" / "linf-dist" / "seed0"
 
 
+def _default_sigint() -> None:
+    # A job started in the background of a non-interactive shell (nohup ... &) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt; a user's Ctrl-C is what this test stands for.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(out: Path, data_dir: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command(out, data_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(command(out, data_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
 
 
 def wait_for_epochs(out: Path, proc: subprocess.Popen[bytes], epochs: int, timeout: float = 300) -> None:
