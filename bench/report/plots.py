@@ -57,7 +57,7 @@ class Series:
 def certified_vs_eps(series: Sequence[Series], title: str) -> Plot:
     """Our curves (median with min–max bars) over the paper's points; returns PNG bytes and the data."""
     fig = Figure(figsize=(9.6, 4.2), dpi=100)
-    # The legend sits right of the axes: with six methods and their papers' rows it would hide the curves.
+    # The legend sits right of the axes: with every method and its papers' rows it would hide the curves.
     fig.subplots_adjust(left=0.08, right=0.6, bottom=0.13, top=0.92)
     ax = fig.add_subplot()
     colours = {g: f"C{i % 10}" for i, g in enumerate(sorted({s.group for s in series}))}
