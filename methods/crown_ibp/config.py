@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from methods.base import MethodError
 from methods.bounds import BOUND_METHODS
 from methods.cnn import architecture
+from methods.schema import parse_config, require
 
 
 @dataclass(frozen=True)
@@ -18,18 +19,20 @@ class TrainConfig:
     ε_train is ``eps_train`` (pixels; a number or an exact fraction string such as "2/5", the key the
     harness records) if given, else ε_test. κ weights the clean loss and β the CROWN-IBP bound, each
     moving from its start to its end value as ε ramps (``mixing``). ``reg_lambda`` > 0 turns on Shi et al.'s
-    warm-up regularisers until the ramp ends; ``grad_clip`` > 0 clips the gradient norm.
+    warm-up regularisers until the ramp ends; ``grad_clip`` > 0 clips the gradient norm. ``batch_multiplier``
+    m > 1 is CROWN-IBP's large-batch option as its ``train.py`` runs it (see ``BoundTrainingRecipe``).
     """
 
     architecture: str
     batch_size: int
     epochs: int
     lr: float
-    schedule: str
+    schedule: Literal["linear", "smoothed"]
     ramp_start: int
     ramp_epochs: int
     width: int | None = None
     linear_size: int | None = None
+    batch_multiplier: int = 1
     lr_decay: float = 0.1
     lr_milestones: tuple[int, ...] = ()
     weight_decay: float = 0.0
@@ -44,47 +47,25 @@ class TrainConfig:
     reg_tolerance: float = 0.5
     reg_min_eps: float = 1e-6
     crop_padding: int = 0
-    padding_mode: str = "zeros"
+    padding_mode: Literal["zeros", "edge"] = "zeros"
     hflip: bool = False
     certifier: str | None = None
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(cfg) - set(known))
-        if unknown:
-            raise MethodError(f"unknown config keys: {', '.join(unknown)}")
-        missing = sorted(k for k, f in known.items() if f.default is MISSING and k not in cfg)
-        if missing:
-            raise MethodError(f"missing config keys: {', '.join(missing)}")
-        values = dict(cfg)
-        if "lr_milestones" in values:
-            values["lr_milestones"] = tuple(values["lr_milestones"])
-        out = cls(**values)
-        out._check()
+    def from_dict(cls, cfg: Mapping[str, Any], owner: str) -> TrainConfig:
+        out = parse_config(cls, cfg, owner)
+        out._check(owner)
         return out
 
-    def _check(self) -> None:
-        _typed(self, "batch_size", int, positive=True)
-        _typed(self, "epochs", int, positive=True)
-        _typed(self, "ramp_start", int)
-        _typed(self, "ramp_epochs", int)
-        for key in ("lr", "lr_decay", "weight_decay", "kappa_start", "kappa_end",
-                    "beta_start", "beta_end", "grad_clip", "reg_lambda", "reg_tolerance", "reg_min_eps"):
-            _typed(self, key, (int, float))
-        if self.ramp_start < 0 or self.ramp_epochs < 0:
-            raise MethodError("ramp_start and ramp_epochs must be ≥ 0")
-        if self.schedule not in ("linear", "smoothed"):
-            raise MethodError(f"schedule must be 'linear' or 'smoothed', got {self.schedule!r}")
+    def _check(self, owner: str) -> None:
+        require(self.batch_size > 0 and self.epochs > 0, owner, "batch_size and epochs must be positive")
+        require(self.batch_multiplier >= 1, owner, "batch_multiplier must be ≥ 1")
+        require(self.ramp_start >= 0 and self.ramp_epochs >= 0, owner, "ramp_start and ramp_epochs must be ≥ 0")
         for key in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise MethodError(f"{key} must lie in [0, 1]")
-        if not all(isinstance(m, int) and m >= 0 for m in self.lr_milestones):
-            raise MethodError("lr_milestones must be a list of epoch indices ≥ 0")
-        if self.padding_mode not in ("zeros", "edge"):
-            raise MethodError(f"padding_mode must be 'zeros' or 'edge', got {self.padding_mode!r}")
-        if self.certifier is not None and self.certifier not in BOUND_METHODS:
-            raise MethodError(f"certifier must be one of {', '.join(BOUND_METHODS)}, got {self.certifier!r}")
+            require(0.0 <= getattr(self, key) <= 1.0, owner, f"{key} must lie in [0, 1]")
+        require(all(m >= 0 for m in self.lr_milestones), owner, "lr_milestones must be epoch indices ≥ 0")
+        require(self.certifier is None or self.certifier in BOUND_METHODS, owner,
+                f"certifier must be one of {', '.join(BOUND_METHODS)}, got {self.certifier!r}")
         architecture(self.architecture, self.width, self.linear_size)
         if self.eps_train is not None:
             self.eps_train_value(0.0)
@@ -101,8 +82,3 @@ class TrainConfig:
             raise MethodError("eps_train must be positive")
         return value
 
-
-def _typed(cfg: TrainConfig, key: str, kind: type | tuple[type, ...], positive: bool = False) -> None:
-    value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, kind) or (positive and value <= 0):
-        raise MethodError(f"config key {key} must be {'a positive ' if positive else ''}number, got {value!r}")

@@ -28,7 +28,7 @@ class BoundTrainedCNN(Method):
         for key, value in self.fixed.items():
             if key in cfg and cfg[key] != value:
                 raise MethodError(f"{self.name} fixes {key} = {value!r}, config has {cfg[key]!r}")
-        return TrainConfig.from_dict({**cfg, **self.fixed})
+        return TrainConfig.from_dict({**cfg, **self.fixed}, self.name)
 
     def validate_config(self, cfg: Mapping[str, Any]) -> None:
         self.config(cfg)
