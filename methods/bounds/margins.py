@@ -17,6 +17,7 @@ from torch import nn
 from methods.base import MethodError
 from methods.bounds.engine import BoundNet
 from methods.bounds.layers import Box
+from methods.bounds.rounding import rounding_errors
 
 BOUND_METHODS = ("ibp", "crown-ibp", "crown")
 DEFAULT_MEMORY_BYTES = 512 * 2**20
@@ -43,13 +44,15 @@ class MarginBounds:
     same batch statistics), so a training step needs no separate forward pass. ``margins[method]`` is
     (B, K−1). ``relu_inputs`` are the IBP boxes of every ReLU input and ``normalised_input`` the IBP box
     after the leading normalisation layers (both only when an IBP pass ran): Shi et al.'s regularisers
-    read them.
+    read them. ``crown_relu_boxes``: the ReLU input boxes of full CROWN by layer position (when it ran),
+    which the rounding error bound of its relaxations needs.
     """
 
     logits: torch.Tensor
     margins: dict[str, torch.Tensor]
     relu_inputs: list[Box] = field(default_factory=list)
     normalised_input: Box | None = None
+    crown_relu_boxes: dict[int, Box] | None = None
 
 
 def compute_margin_bounds(
@@ -90,8 +93,8 @@ def compute_margin_bounds(
             relu_boxes = {i: boxes[i] for i in net.relu_positions}
             out.margins["crown-ibp"] = net.backward(spec, len(net.layers), relu_boxes, x_box)
     if "crown" in methods:
-        relu_boxes = net.crown_relu_boxes(x_box, memory_bytes)
-        out.margins["crown"] = net.backward(spec, len(net.layers), relu_boxes, x_box)
+        out.crown_relu_boxes = net.crown_relu_boxes(x_box, memory_bytes)
+        out.margins["crown"] = net.backward(spec, len(net.layers), out.crown_relu_boxes, x_box)
     return out
 
 
@@ -116,21 +119,40 @@ def margin_lower_bounds(
     """
     _check_method(method)
     _check_inputs(x, y, eps, lo, hi)
-    batch = x.shape[0]
-    if any(m.training for m in model.modules()) or batch <= 1:
-        chunk = max(1, batch)
-    else:
-        chunk = _chunk_size(model, x, method, memory_bytes)
-    parts = [
-        compute_margin_bounds(model, x[s : s + chunk], y[s : s + chunk], eps, (method,), lo, hi, memory_bytes)
-        for s in range(0, max(1, batch), chunk)
-    ]
-    return torch.cat([p.margins[method] for p in parts])
+    parts = _chunked(model, x, y, eps, method, lo, hi, memory_bytes)
+    return torch.cat([bounds.margins[method] for _, bounds in parts])
 
 
-def certified(lower: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: every margin bound strictly positive (a zero bound allows a tie, spec §3.5)."""
-    return (lower > 0).all(dim=1)
+def certify_margins(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    method: str = "ibp",
+    lo: float = 0.0,
+    hi: float = 1.0,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> torch.Tensor:
+    """(B,) bool, the certificate of an eval-mode model: every margin lower bound of ``method`` over the box
+    exceeds its rounding slack, so the float32 model itself keeps its class on the whole box
+    (``methods.bounds.rounding`` derives the slack)."""
+    _check_method(method)
+    _check_inputs(x, y, eps, lo, hi)
+    decisions = []
+    for start, bounds in _chunked(model, x, y, eps, method, lo, hi, memory_bytes):
+        xs, ys = x[start : start + bounds.logits.shape[0]], y[start : start + bounds.logits.shape[0]]
+        errors = rounding_errors(model, *input_box(xs, eps, lo, hi), bounds.crown_relu_boxes)
+        slack = errors.slack(margin_spec(ys, bounds.logits.shape[1], xs.dtype), method)
+        decisions.append(certified(bounds.margins[method], slack))
+    return torch.cat(decisions)
+
+
+def certified(lower: torch.Tensor, slack: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """(B,) bool: every margin bound strictly above its ``slack`` (a zero bound allows a tie, spec §3.5).
+
+    ``slack`` is the rounding error bound of the computation (``methods.bounds.rounding``); a certificate
+    passes one, the default 0 suits only exact arithmetic and training statistics."""
+    return (lower > slack).all(dim=1)
 
 
 def require_eval(model: nn.Module) -> None:
@@ -139,6 +161,23 @@ def require_eval(model: nn.Module) -> None:
     training = sorted({type(m).__name__ for m in model.modules() if m.training})
     if training:
         raise MethodError(f"cannot certify a model in training mode ({', '.join(training)}); deploy it first")
+
+
+def _chunked(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, lo: float, hi: float,
+    memory_bytes: int,
+) -> list[tuple[int, MarginBounds]]:
+    """(first index, bounds) of each chunk of the batch: one piece for a model with a module in training
+    mode (BatchNorm statistics are the whole batch's), else chunks sized to ``memory_bytes``."""
+    batch = x.shape[0]
+    if any(m.training for m in model.modules()) or batch <= 1:
+        chunk = max(1, batch)
+    else:
+        chunk = _chunk_size(model, x, method, memory_bytes)
+    return [
+        (s, compute_margin_bounds(model, x[s : s + chunk], y[s : s + chunk], eps, (method,), lo, hi, memory_bytes))
+        for s in range(0, max(1, batch), chunk)
+    ]
 
 
 def _chunk_size(model: nn.Module, x: torch.Tensor, method: str, memory_bytes: int) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from methods.base import Augmentation, Certificate, DatasetInfo, Method, MethodError, Recipe
-from methods.bounds import BOUND_METHODS, certified, margin_lower_bounds, require_eval
+from methods.bounds import BOUND_METHODS, certify_margins, require_eval
 from methods.cnn import architecture, build_cnn, ibp_init
 from methods.crown_ibp.config import TrainConfig
 from methods.crown_ibp.recipe import BoundTrainingRecipe
@@ -65,5 +65,5 @@ class BoundTrainedCNN(Method):
             raise MethodError(f"unknown certifier {name!r} for {self.name}; known: {', '.join(self.certifiers)}")
         require_eval(model)
         with torch.no_grad():
-            lower = margin_lower_bounds(model, x, y, float(eps), name)
-        return Certificate(certified=certified(lower), certifier=name)
+            decision = certify_margins(model, x, y, float(eps), name)
+        return Certificate(certified=decision, certifier=name)

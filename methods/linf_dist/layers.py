@@ -85,6 +85,22 @@ class LpDist(nn.Module):
             lo, hi = lo + self.bias, hi + self.bias
         return lo, hi
 
+    def interval_rounding(self, lower: torch.Tensor, upper: torch.Tensor, error: torch.Tensor, u: float
+                          ) -> torch.Tensor:
+        """Rounding error bound at the output (``methods.bounds.rounding``) given ``error`` at the input.
+
+        The layer is 1-Lipschitz in ℓ∞, so input errors pass as their max; each distance term is one
+        rounded subtraction (relative u) and the max is exact, so a distance d gains at most u·d in the
+        box end and u·d in the forward pass; the mean shift and the bias add one rounding each."""
+        spread = error.amax(dim=1, keepdim=True)
+        magnitude = linf_dist_interval(lower, upper, self.weight)[1] + spread
+        error = spread + 2 * u * magnitude
+        for shift in (None if self.mean_shift is None else self.mean_shift.running_mean, self.bias):
+            if shift is not None:
+                magnitude = magnitude + shift.abs()
+                error = error + u * magnitude
+        return error
+
 
 class ScaledLinear(nn.Module):
     """Linear layer whose N(0, 1) weight is multiplied by 1/√fan_in in the forward pass (spec §2.3), as in

@@ -30,6 +30,11 @@ class Negate(nn.Module):
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return -upper, -lower
 
+    def interval_rounding(self, lower: torch.Tensor, upper: torch.Tensor, error: torch.Tensor, u: float
+                          ) -> torch.Tensor:
+        """Negation is exact (``methods.bounds.rounding``)."""
+        return error
+
 
 class Temperature(nn.Module):
     """Logits = s · scores with a learnable s (init 1) that only the cross-entropy term and PGD see;
@@ -48,6 +53,12 @@ class Temperature(nn.Module):
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.scale * lower, self.scale * upper
         return torch.minimum(a, b), torch.maximum(a, b)
+
+    def interval_rounding(self, lower: torch.Tensor, upper: torch.Tensor, error: torch.Tensor, u: float
+                          ) -> torch.Tensor:
+        """One rounded product (``methods.bounds.rounding``)."""
+        scale = self.scale.detach().abs()
+        return scale * (error + u * (torch.maximum(lower.abs(), upper.abs()) + error))
 
 
 class Tanh(nn.Tanh):
