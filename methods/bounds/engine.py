@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 
 from methods.base import MethodError
+from methods.bounds.functional import concretize
 from methods.bounds.layers import Box, BoundLayer, Normalization, ReLU, bound_layers
 
 CROWN_MAX_ELEMENTS = 1e9
@@ -68,10 +69,8 @@ class BoundNet:
             lam, step = self.layers[i].backward(lam, *box)
             offset = offset + step
         x_lower, x_upper = x_box
-        centre = ((x_upper + x_lower) / 2).flatten(1).unsqueeze(1)
-        radius = ((x_upper - x_lower) / 2).flatten(1).unsqueeze(1)
-        flat = lam.flatten(2)
-        return (flat * centre).sum(dim=2) - (flat.abs() * radius).sum(dim=2) + offset
+        centre, radius = ((x_upper + x_lower) / 2).flatten(1), ((x_upper - x_lower) / 2).flatten(1)
+        return concretize(lam.flatten(2), centre, radius) + offset
 
     def crown_relu_boxes(self, x_box: Box, memory_bytes: int) -> dict[int, Box]:
         """Full CROWN: the box of every ReLU input from a backward pass over ±identity rows, in order,

@@ -27,6 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import MethodError
+from methods.bounds.functional import (
+    ConvGeometry,
+    channel_affine_transpose,
+    relu_relaxation,
+    transposed_conv2d,
+)
 from methods.normalize import Normalize
 
 Box = tuple[torch.Tensor, torch.Tensor]
@@ -182,20 +188,9 @@ class Conv2d(Affine):
         if self.in_shape is None:
             raise MethodError("Conv2d backward needs the input shape: run a forward or interval pass first")
         batch, specs = lam.shape[:2]
-        out_h, out_w = lam.shape[-2:]
-        in_h, in_w = self.in_shape[-2:]
-        kh, kw = m.kernel_size
-        # The transposed convolution can produce several input sizes; pick the one of the forward input.
-        extra = tuple(
-            size - ((out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
-            for size, out, stride, pad, dil, k in zip(
-                (in_h, in_w), (out_h, out_w), m.stride, self.padding, m.dilation, (kh, kw)
-            )
-        )
-        flat = lam.reshape(batch * specs, *lam.shape[2:])
-        back = F.conv_transpose2d(flat, m.weight, None, m.stride, self.padding, extra, m.groups, m.dilation)
-        offset = lam.new_zeros(batch, specs) if m.bias is None else lam.sum(dim=(3, 4)) @ m.bias
-        return back.reshape(batch, specs, *back.shape[1:]), offset
+        geometry = ConvGeometry(tuple(self.in_shape), m.stride, self.padding, m.dilation, m.groups)
+        back, offset = transposed_conv2d(lam.reshape(batch * specs, *lam.shape[2:]), m.weight, m.bias, geometry)
+        return back.view(batch, specs, *back.shape[1:]), offset.view(batch, specs)
 
 
 class ChannelAffine(Affine):
@@ -219,9 +214,9 @@ class ChannelAffine(Affine):
         return r * self._per_channel(a.abs(), r.dim(), 1)
 
     def transpose(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, d = self.scale_shift()
-        offset = (lam * self._per_channel(d, lam.dim(), 2)).flatten(2).sum(dim=2)
-        return lam * self._per_channel(a, lam.dim(), 2), offset
+        batch, specs = lam.shape[:2]
+        back, offset = channel_affine_transpose(lam.reshape(batch * specs, *lam.shape[2:]), *self.scale_shift())
+        return back.view(lam.shape), offset.view(batch, specs)
 
 
 class Normalization(ChannelAffine):
@@ -330,22 +325,28 @@ class ReLU(BoundLayer):
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
         return lower.clamp(min=0), upper.clamp(min=0)
 
-    def backward(
-        self, lam: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if lower is None or upper is None:
-            raise MethodError("CROWN through a ReLU needs bounds of its input")
-        active = (lower >= 0).to(lam.dtype)
+    @staticmethod
+    def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lower slope, upper slope, upper intercept), each shaped like the box; the lower slope is
+        piecewise constant in the box and carries no gradient."""
+        active = (lower >= 0).to(lower.dtype)
         unstable = (lower < 0) & (upper > 0)
         # A safe denominator keeps the unused branch finite, so its gradient is 0 rather than NaN.
         width = torch.where(unstable, upper - lower, torch.ones_like(upper))
         upper_slope = torch.where(unstable, upper / width, active)
         upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(lower))
-        lower_slope = torch.where(unstable, (upper > -lower).to(lam.dtype), active)
-        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        lam_in = pos * lower_slope.unsqueeze(1) + neg * upper_slope.unsqueeze(1)
-        offset = (neg * upper_intercept.unsqueeze(1)).flatten(2).sum(dim=2)
-        return lam_in, offset
+        lower_slope = torch.where(unstable, (upper > -lower).to(lower.dtype), active).detach()
+        return lower_slope, upper_slope, upper_intercept
+
+    def backward(
+        self, lam: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if lower is None or upper is None:
+            raise MethodError("CROWN through a ReLU needs bounds of its input")
+        batch, specs = lam.shape[:2]
+        lines = (t.flatten(1) for t in self.relaxation(lower, upper))
+        lam_in, offset = relu_relaxation(lam.reshape(batch, specs, -1), *lines)
+        return lam_in.view(lam.shape), offset
 
 
 class Monotone(BoundLayer):

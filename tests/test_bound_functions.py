@@ -1,0 +1,175 @@
+"""The bound engine's hand-written autograd functions (methods.bounds.functional): values equal the plain
+torch formulation, gradients pass ``gradcheck``, and whole CROWN-IBP bounds and their parameter
+gradients equal a plain layer-by-layer backward pass written here, on random and trained models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.bounds import compute_margin_bounds, input_box, margin_spec
+from methods.bounds.engine import BoundNet
+from methods.bounds.functional import (
+    ConvGeometry,
+    channel_affine_transpose,
+    concretize,
+    relu_relaxation,
+    transposed_conv2d,
+)
+from methods.bounds.layers import BatchNorm, Conv2d, Flatten, Linear, Normalization, ReLU
+from methods.crown_ibp.losses import robust_ce
+from methods.normalize import Normalize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D = torch.float64
+
+# (in channels, out channels, kernel, stride, padding, dilation, input size): the first two take torch's
+# direct kernel (few input channels), the others oneDNN's; odd sizes need an output padding.
+CONVS = [
+    (1, 3, 4, 2, 0, 1, 9),
+    (3, 4, 3, 2, 1, 1, 8),
+    (5, 4, 3, 1, 0, 2, 7),
+    (6, 3, 4, 2, 1, 1, 9),
+]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_transposed_conv_is_the_transpose_and_differentiable(case: tuple[int, ...], bias: bool) -> None:
+    cin, cout, k, stride, pad, dil, size = case
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dil, bias=bias).to(D)
+    x = torch.randn(2, cin, size, size, dtype=D)
+    out = conv(x)
+    geometry = ConvGeometry((cin, size, size), conv.stride, conv.padding, conv.dilation, 1)
+    lam = torch.randn(out.shape, dtype=D, requires_grad=True)
+    back, offset = transposed_conv2d(lam, conv.weight, conv.bias, geometry)
+    # lam·(A x + b) = (lam A)·x + lam·b
+    assert torch.allclose((lam * out).sum(dim=(1, 2, 3)), (back * x).sum(dim=(1, 2, 3)) + offset, atol=1e-12)
+    params = (conv.weight,) if conv.bias is None else (conv.weight, conv.bias)
+    assert torch.autograd.gradcheck(
+        lambda lam, *p: transposed_conv2d(lam, p[0], p[1] if bias else None, geometry), (lam, *params)
+    )
+
+
+def relaxation(seed: int, batch: int = 3, neurons: int = 7) -> tuple[torch.Tensor, ...]:
+    """Slopes and intercepts of random boxes with active, inactive and unstable neurons."""
+    gen = torch.Generator().manual_seed(seed)
+    lower = torch.randn(batch, neurons, generator=gen, dtype=D)
+    upper = lower + 2 * torch.rand(batch, neurons, generator=gen, dtype=D)
+    layer = ReLU(nn.ReLU())
+    return layer.relaxation(lower, upper)
+
+
+def test_relu_relaxation_equals_the_select_and_is_differentiable() -> None:
+    lower_slope, upper_slope, intercept = relaxation(1)
+    lam = torch.randn(3, 4, 7, dtype=D)
+    lam_in, offset = relu_relaxation(lam, lower_slope, upper_slope, intercept)
+    assert torch.equal(lam_in, torch.where(lam >= 0, lam * lower_slope[:, None], lam * upper_slope[:, None]))
+    assert torch.allclose(offset, (lam.clamp(max=0) * intercept[:, None]).sum(2), atol=1e-14)
+    upper_slope.requires_grad_(True)
+    intercept.requires_grad_(True)
+    lam.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: relu_relaxation(a[0], lower_slope, *a[1:]), (lam, upper_slope, intercept))
+
+
+def test_relu_relaxation_refuses_a_differentiable_lower_slope() -> None:
+    lower_slope, upper_slope, intercept = relaxation(2)
+    with pytest.raises(ValueError, match="piecewise constant"):
+        relu_relaxation(torch.randn(3, 2, 7, dtype=D), lower_slope.requires_grad_(True), upper_slope, intercept)
+
+
+def test_channel_affine_transpose_and_concretize_are_differentiable() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lam = torch.randn(4, 3, 2, 2, generator=gen, dtype=D, requires_grad=True)
+    scale, shift = (torch.randn(3, generator=gen, dtype=D, requires_grad=True) for _ in range(2))
+    back, offset = channel_affine_transpose(lam, scale, shift)
+    assert torch.allclose(back, lam * scale[:, None, None]) and torch.allclose(offset, (lam.sum((2, 3)) * shift).sum(1))
+    assert torch.autograd.gradcheck(channel_affine_transpose, (lam, scale, shift))
+    flat = torch.randn(2, 3, 5, generator=gen, dtype=D, requires_grad=True)
+    centre = torch.randn(2, 5, generator=gen, dtype=D, requires_grad=True)
+    radius = torch.rand(2, 5, generator=gen, dtype=D, requires_grad=True)
+    expected = (flat * centre[:, None]).sum(2) - (flat.abs() * radius[:, None]).sum(2)
+    assert torch.allclose(concretize(flat, centre, radius), expected, atol=1e-14)
+    assert torch.autograd.gradcheck(concretize, (flat, centre, radius))
+
+
+# --- whole CROWN-IBP bounds against a plain layer-by-layer backward pass --------------------------------
+
+def plain_crown_ibp(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """CROWN-IBP margin lower bounds with every step written with plain torch ops (and autograd)."""
+    net = BoundNet(model)
+    logits = net.forward(x)
+    x_box = input_box(x, eps)
+    boxes = net.interval_boxes(*x_box)
+    lam = margin_spec(y, logits.shape[1], x.dtype)
+    offset = lam.new_zeros(lam.shape[:2])
+    for i in range(len(net.layers) - 1, -1, -1):
+        layer, batch, specs = net.layers[i], lam.shape[0], lam.shape[1]
+        if isinstance(layer, Linear):
+            offset = offset + lam @ layer.bias
+            lam = lam @ layer.weight
+        elif isinstance(layer, Conv2d):
+            m = layer.module
+            offset = offset + lam.sum(dim=(3, 4)) @ m.bias
+            in_size = layer.in_shape[-1]
+            extra = in_size - ((lam.shape[-1] - 1) * m.stride[0] - 2 * m.padding[0] + m.kernel_size[0])
+            lam = F.conv_transpose2d(lam.flatten(0, 1), m.weight, None, m.stride, m.padding, extra)
+            lam = lam.view(batch, specs, *lam.shape[1:])
+        elif isinstance(layer, (Normalization, BatchNorm)):
+            a, d = layer.scale_shift()
+            view = (1, 1, -1) + (1,) * (lam.dim() - 3)
+            offset = offset + (lam * d.view(view)).flatten(2).sum(2)
+            lam = lam * a.view(view)
+        elif isinstance(layer, Flatten):
+            lam = lam.view(batch, specs, *layer.in_shape)
+        elif isinstance(layer, ReLU):
+            lower_slope, upper_slope, intercept = (t.unsqueeze(1) for t in layer.relaxation(*boxes[i]))
+            offset = offset + (lam.clamp(max=0) * intercept).flatten(2).sum(2)
+            lam = torch.where(lam >= 0, lam * lower_slope, lam * upper_slope)
+        else:
+            raise AssertionError(type(layer))
+    centre, radius = (x_box[1] + x_box[0]) / 2, (x_box[1] - x_box[0]) / 2
+    flat = lam.flatten(2)
+    return (flat * centre.flatten(1)[:, None]).sum(2) - (flat.abs() * radius.flatten(1)[:, None]).sum(2) + offset
+
+
+def cnn(seed: int, batchnorm: bool) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [Normalize([0.4, 0.5, 0.3], [0.2, 0.3, 0.25]), nn.Conv2d(3, 6, 4, stride=2)]
+    layers += [nn.BatchNorm2d(6)] if batchnorm else []
+    layers += [nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 20)]
+    layers += [nn.BatchNorm1d(20)] if batchnorm else []
+    layers += [nn.ReLU(), nn.Linear(20, 10)]
+    return nn.Sequential(*layers).to(D)
+
+
+def train_briefly(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+    """A few IBP-trained steps, so that many neurons are stable (the regime of a trained model)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss = robust_ce(compute_margin_bounds(model, x, y, eps, ("ibp",)).margins["ibp"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["plain", "batchnorm"])
+@pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
+def test_crown_ibp_bounds_and_gradients_equal_the_plain_backward_pass(batchnorm: bool, trained: bool) -> None:
+    model = cnn(4, batchnorm).train()
+    gen = torch.Generator().manual_seed(5)
+    x, y, eps = torch.rand(8, 3, 12, 12, generator=gen, dtype=D), torch.randint(0, 10, (8,), generator=gen), 0.03
+    if trained:
+        train_briefly(model, x, y, eps)
+    params = list(model.parameters())
+    ours = compute_margin_bounds(model, x, y, eps, ("crown-ibp",)).margins["crown-ibp"]
+    grads = torch.autograd.grad(robust_ce(ours), params)
+    plain = plain_crown_ibp(model, x, y, eps)
+    plain_grads = torch.autograd.grad(robust_ce(plain), params)
+    assert torch.allclose(ours, plain, rtol=1e-10, atol=1e-12)
+    for g, p in zip(grads, plain_grads):
+        assert torch.allclose(g, p, rtol=1e-9, atol=1e-12)
