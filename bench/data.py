@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
+from bench.store import writable
 from methods.base import Augmentation, DatasetInfo
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -43,12 +44,28 @@ EXPECTED_FILES = {
 
 
 # The md5 sums torchvision checks when it downloads (the same as in ../shared/data/README.md).
-MNIST_MD5 = {
-    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+SOURCE_MD5 = {
+    "MNIST/raw/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "MNIST/raw/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "MNIST/raw/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "MNIST/raw/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
+MNIST_EXTRACTED_SIZE = {
+    # idx headers + payload: 16 + n·28·28 bytes for images, 8 + n for labels.
+    "train-images-idx3-ubyte": 16 + 60000 * 784,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 784,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+SOURCE_RECORD = "source.json"
+"""Written beside an extraction: the md5 and size of the ``.gz`` files it was made from."""
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -85,20 +102,7 @@ def _may_download(path: Path) -> bool:
     """Download only into a writable folder, and never when ``BENCH_OFFLINE=1`` (tests, air-gapped CI)."""
     if os.environ.get("BENCH_OFFLINE") == "1":
         return False
-    return _writable(path)
-
-
-def _writable(path: Path) -> bool:
-    """Whether we may write into ``path`` (or, if it does not exist yet, into its nearest existing parent).
-
-    ``os.access`` alone is not enough: for root it ignores permission bits, so a mirror made read-only
-    with ``chmod`` (as on CI, where tests run as root) would look writable. A folder counts as read-only
-    when its owner has no write bit, or when the OS refuses writes (a read-only mount).
-    """
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & stat.S_IWUSR)
+    return writable(path)
 
 
 def _missing(name: str, root: Path, why: str) -> BenchError:
@@ -112,12 +116,13 @@ def _missing(name: str, root: Path, why: str) -> BenchError:
 def _torchvision_dataset(name: str, root: Path, train: bool):  # type: ignore[no-untyped-def]
     from torchvision import datasets
 
+    present = _check_sources(name, root)
     if name == "cifar10":
-        download = not (root / "cifar-10-batches-py" / "test_batch").is_file() and _may_download(root)
+        download = not present and _may_download(root)
         build = lambda: datasets.CIFAR10(str(root), train=train, download=download)  # noqa: E731
     else:
-        root = _mnist_extracted(root)
-        download = not _mnist_is_extracted(root) and _may_download(root)
+        root = _mnist_extracted(root) if present else root
+        download = not present and _may_download(root)
         build = lambda: datasets.MNIST(str(root), train=train, download=download)  # noqa: E731
     try:
         return build()
@@ -129,35 +134,68 @@ def _torchvision_dataset(name: str, root: Path, train: bool):  # type: ignore[no
         raise _missing(name, root, f"download failed: {lines[-1][:100] if lines else type(exc).__name__}") from None
 
 
-def _mnist_is_extracted(root: Path) -> bool:
-    raw = root / "MNIST" / "raw"
-    return all((raw / Path(rel).stem).is_file() for rel in EXPECTED_FILES["mnist"])
+def _check_sources(name: str, root: Path) -> bool:
+    """Whether all of the dataset's official files are in ``root``, each verified by its md5; a file that
+    exists but fails the check (truncated, edited) is reported as corrupt, never as missing or re-used."""
+    files = [root / rel for rel in EXPECTED_FILES[name]]
+    if not any(f.is_file() for f in files):
+        if name == "mnist":
+            _check_extracted_sizes(root / "MNIST" / "raw")
+        return False
+    for path, rel in zip(files, EXPECTED_FILES[name]):
+        if not path.is_file():
+            raise _missing(name, root, f"{rel} is missing while other files are there")
+        if _md5(path) != SOURCE_MD5[rel]:
+            raise BenchError(f"{DISPLAY_NAMES[name]} file {path} is corrupt (size {path.stat().st_size} bytes, "
+                             "md5 mismatch); replace it with the official release")
+    return True
 
 
 def _mnist_extracted(root: Path) -> Path:
-    """A folder where MNIST's four files are extracted, which torchvision then reads without any download.
+    """A folder where MNIST's four verified ``.gz`` files are extracted, which torchvision then reads.
 
-    The official release is four ``.gz`` files; torchvision only extracts them as part of a download, which
-    ``BENCH_OFFLINE=1`` forbids. So when the ``.gz`` files are present we check their md5 and extract them
+    torchvision only extracts as part of a download, which ``BENCH_OFFLINE=1`` forbids, so we extract
     ourselves: in place when the folder is writable, else into the user cache (the mirror stays untouched).
+    An extraction is used only when its ``source.json`` names exactly these ``.gz`` files (md5 and size)
+    and every extracted file has its exact size; otherwise it is made again, so a cache made from another
+    folder, or one cut short, is never read.
     """
-    if _mnist_is_extracted(root) or not all((root / rel).is_file() for rel in EXPECTED_FILES["mnist"]):
-        return root
-    target = root if _writable(root / "MNIST" / "raw") else cache_dir() / "mnist-extracted"
+    target = root if writable(root / "MNIST" / "raw") else cache_dir() / "mnist-extracted"
     raw = target / "MNIST" / "raw"
+    sources = {rel: {"md5": SOURCE_MD5[rel], "size": (root / rel).stat().st_size} for rel in EXPECTED_FILES["mnist"]}
+    if _extraction_matches(raw, sources):
+        return target
     raw.mkdir(parents=True, exist_ok=True)
+    (raw / SOURCE_RECORD).unlink(missing_ok=True)
     for rel in EXPECTED_FILES["mnist"]:
         dest = raw / Path(rel).stem
-        if dest.is_file():
-            continue
-        source = root / rel
-        if _md5(source) != MNIST_MD5[source.name]:
-            raise BenchError(f"MNIST file {source} is corrupt (md5 mismatch); replace it with the official release")
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        with gzip.open(source, "rb") as src, open(tmp, "wb") as out:
+        with gzip.open(root / rel, "rb") as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out)
         os.replace(tmp, dest)
+    tmp = raw / f".{SOURCE_RECORD}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(sources, sort_keys=True))
+    os.replace(tmp, raw / SOURCE_RECORD)
     return target
+
+
+def _check_extracted_sizes(raw: Path) -> None:
+    """Extracted MNIST files without their ``.gz`` (as a torchvision download may leave them) can only be
+    checked by size: a truncated one is corrupt, not missing."""
+    for name, size in MNIST_EXTRACTED_SIZE.items():
+        path = raw / name
+        if path.is_file() and path.stat().st_size != size:
+            raise BenchError(f"MNIST file {path} is corrupt ({path.stat().st_size} bytes, expected {size}); "
+                             "replace it with the official release")
+
+
+def _extraction_matches(raw: Path, sources: dict[str, dict[str, object]]) -> bool:
+    try:
+        recorded = json.loads((raw / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == sources and all(
+        (raw / name).is_file() and (raw / name).stat().st_size == size for name, size in MNIST_EXTRACTED_SIZE.items())
 
 
 def _md5(path: Path) -> str:

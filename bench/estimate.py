@@ -18,6 +18,7 @@ from bench.config import Cell
 from methods import base as registry
 
 _SAMPLES = 5
+ESTIMATE_ACCURACY = "PENDING"
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -26,7 +27,8 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - start
 
 
-def estimate_seconds(cell: Cell, device: torch.device, n_train: int) -> float:
+def estimate_seconds(cell: Cell, device: torch.device, n_train: int, done_epochs: int = 0) -> float:
+    """Seconds to finish ``cell`` from epoch ``done_epochs`` on (a partial cell's finished epochs cost nothing)."""
     method = registry.get(cell.method)
     info = datamod.dataset_info(cell.dataset)
     torch.manual_seed(cell.seed)
@@ -36,7 +38,8 @@ def estimate_seconds(cell: Cell, device: torch.device, n_train: int) -> float:
     recipe = method.recipe(model, info, cell.config, cell.eps, per_epoch)
     x = torch.rand(batch, *info.input_shape, device=device)
     y = torch.randint(0, info.num_classes, (batch,), device=device)
-    epochs = sorted({min(recipe.epochs - 1, round(i * (recipe.epochs - 1) / (_SAMPLES - 1))) for i in range(_SAMPLES)})
+    first = min(done_epochs, recipe.epochs - 1)
+    epochs = sorted({first + round(i * (recipe.epochs - 1 - first) / (_SAMPLES - 1)) for i in range(_SAMPLES)})
     for e in epochs:  # warm-up of every phase: kernel builds, primitive caches and allocator growth are one-off
         recipe.step(x, y, e, 0)
     step_s = sum(_timed(lambda e=e: recipe.step(x, y, e, 0)) for e in epochs) / len(epochs)
@@ -50,4 +53,4 @@ def estimate_seconds(cell: Cell, device: torch.device, n_train: int) -> float:
     attack_step = _timed(lambda: pgd_robust(model, xe, ye, eps, steps=1))
     certify = _timed(lambda: method.certify(model, xe, ye, eps))
     eval_s = (n_eval / eb) * (attack_step * cell.scale.pgd_steps * cell.scale.pgd_restarts + certify)
-    return step_s * per_epoch * recipe.epochs + eval_s
+    return step_s * per_epoch * max(0, recipe.epochs - done_epochs) + eval_s

@@ -4,8 +4,10 @@ Layout: ``<out>/<scale>/<suite>/<dataset>/eps_<a>-<b>/<method>/seed<N>/`` holdin
 
 - ``result.json``  the record below (written last: its presence with ``status == "complete"`` is what
   makes a cell *done*);
-- ``verdicts.csv`` per-sample verdicts: ``index,label,clean,pgd,certified,verdict`` with 0/1 flags and
-  ``verdict`` in {certified, attacked, unknown} (attacked = misclassified clean or by PGD);
+- ``verdicts.csv`` per-sample verdicts: ``index,label,clean,pgd,certified,verdict,apgd,broken_by`` with
+  0/1 flags, ``verdict`` in {certified, attacked, unknown} (attacked = misclassified clean or by an
+  attack), ``apgd`` blank where the APGD ensemble did not run, and ``broken_by`` the first thing that
+  broke the point (clean, pgd, apgd-ce, apgd-t) or blank (older files lack the last two columns);
 - ``train_log.csv`` one row per epoch (epoch, wall_s, and the recipe's values: loss, p, lam, lr, ...);
 - ``config.json``  the effective configuration of the cell (written before training starts);
 - ``model.pt``     final weights (``state_dict``; loaded with ``weights_only=True``);
@@ -17,17 +19,19 @@ Layout: ``<out>/<scale>/<suite>/<dataset>/eps_<a>-<b>/<method>/seed<N>/`` holdin
 
     {"schema": 1, "status": "complete",
      "cell": {"suite", "dataset", "eps" (fraction string "8/255"), "method", "scale", "seed"},
-     "metrics": {"clean", "pgd", "certified"}            # fractions in [0, 1]
-     "counts": {"n", "clean", "pgd", "certified"},
+     "metrics": {"clean", "pgd", "certified", "apgd"?}    # fractions in [0, 1]; apgd where it ran
+     "counts": {"n", "clean", "pgd", "certified", "apgd"?},
      "n_examples": int, "index_range": [start, stop],     # test-set indices [start, stop)
      "certifier": str,                                    # verifier behind metrics.certified
      "eps": {"test": "8/255", "train": "24/255"},
-     "attack": {"name": "pgd", "steps", "restarts", "step_size_over_eps", "loss"},
+     "attack": {"name": "pgd", "steps", "restarts", "step_size_over_eps", "loss",   # the pgd column
+                "guard": {...},                           # margin-loss PGD on the certified points
+                "apgd": {"steps", "targets", ...}?},      # the apgd column, where it ran
      "config": {...},                                     # effective method config
      "scale_config": {...},                               # the harness settings of the scale
      "provenance": {"versions": {...}, "device": str, "device_name": str, "threads": int,
                     "started": iso8601, "finished": iso8601, "host": str,
-                    "timings_s": {"train", "clean", "pgd", "certify", "total"}},
+                    "timings_s": {"train", "clean", "pgd", "apgd"?, "certify", "guard", "total"}},
      "files": {"verdicts": "verdicts.csv", "train_log": "train_log.csv", "model": "model.pt"}}
 
 Every number is stored as a number and ε as an exact fraction string; readers must treat anything
@@ -36,10 +40,12 @@ that fails ``load_result`` as missing (it is reported and re-run, never shown as
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -49,6 +55,9 @@ from typing import Any, Iterable, Iterator, Mapping
 from bench.errors import BenchError
 
 SCHEMA_VERSION = 1
+DEFAULT_OUT = Path("runs")
+"""Where a user's own runs go by default. The project's published results (``results/``) are only
+read or written when ``--out results`` is given explicitly."""
 RESULT_FILE = "result.json"
 """The record of a cell under its method's own verifier: its presence (complete) makes the cell done."""
 
@@ -81,11 +90,27 @@ def parse_eps(text: str | int | float) -> Fraction:
     return value
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file under this process's umask (mkstemp's is always 0600,
+    which would keep results from the other users of a shared results folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def add_out_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--out DIR`` (alias ``--results``), the same results root for every verb."""
+    parser.add_argument("--out", "--results", dest="out", metavar="DIR", default=str(DEFAULT_OUT),
+                        help=f"results root: {what} (default: {DEFAULT_OUT}/, your own runs; the project's "
+                             "published results are --out results)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -160,7 +185,36 @@ def load_result(path: Path) -> LoadedResult:
         value = metrics.get(key) if isinstance(metrics, dict) else None
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise BenchError(f"{path}: metrics.{key} is not a fraction in [0, 1]")
+    problem = _inconsistency(record)
+    if problem:
+        raise BenchError(f"{path}: inconsistent result file ({problem})")
     return LoadedResult(path, record)
+
+
+def _inconsistency(record: Mapping[str, Any]) -> str:
+    """What contradicts itself in a record, or ``""``: the counts must add up to the metrics over ``n``
+    test points of ``index_range``, and certified ≤ PGD ≤ clean (a certified point survives every attack,
+    and an attack starts from points that are classified correctly)."""
+    counts, metrics, n = record.get("counts"), record["metrics"], record["n_examples"]
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return f"n_examples = {n!r}"
+    bounds = record["index_range"]
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)
+            and bounds[1] - bounds[0] == n):
+        return f"index_range {bounds!r} does not hold n_examples = {n} points"
+    if not isinstance(counts, dict) or counts.get("n") != n:
+        return f"counts {counts!r} do not match n_examples = {n}"
+    for key in ("clean", "pgd", "certified"):
+        count = counts.get(key)
+        if not isinstance(count, int) or not 0 <= count <= n or abs(count / n - metrics[key]) > 1e-9:
+            return f"metrics.{key} = {metrics[key]!r} is not counts.{key} = {count!r} over n = {n}"
+    if not counts["certified"] <= counts["pgd"] <= counts["clean"]:
+        return (f"certified {counts['certified']} ≤ PGD {counts['pgd']} ≤ clean {counts['clean']} does not hold "
+                "(an unsound certificate or an edited file)")
+    if "apgd" in counts and not (isinstance(counts["apgd"], int)
+                                 and counts["certified"] <= counts["apgd"] <= counts["pgd"]):
+        return f"certified {counts['certified']} ≤ APGD {counts['apgd']!r} ≤ PGD {counts['pgd']} does not hold"
+    return ""
 
 
 def iter_results(root: Path) -> Iterator[tuple[Path, LoadedResult | BenchError]]:
@@ -177,8 +231,23 @@ def cell_dir(out: Path, scale: str, suite: str, dataset: str, eps: Fraction, met
     return out / scale / suite / dataset / eps_slug(eps) / method / f"seed{seed}"
 
 
+def writable(path: Path) -> bool:
+    """Whether we may write into ``path`` (or, if it does not exist yet, into its nearest existing parent).
+
+    ``os.access`` alone is not enough: for root it ignores permission bits, so a folder made read-only
+    with ``chmod`` (as on CI, where tests run as root) would look writable. A folder counts as read-only
+    when its owner has no write bit, or when the OS refuses writes (a read-only mount).
+    """
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & stat.S_IWUSR)
+
+
 def ensure_writable(folder: Path) -> None:
-    """Fail early, with one line, when results could not be written."""
+    """Fail early, with one line, when results could not be written (nothing is created in a read-only tree)."""
+    if not writable(folder):
+        raise BenchError(f"output folder {folder} is read-only")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-", delete=True)

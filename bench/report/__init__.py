@@ -22,9 +22,9 @@ from bench.data import DISPLAY_NAMES
 from bench.errors import BenchError
 from bench.reference import card_rows, load_note_marks, load_table2
 from bench.report import plots, render
-from bench.report.records import DEFAULT_RESULTS, Run, find_suites, read_runs, read_train_log, report_problems
+from bench.report.records import Run, find_suites, read_runs, read_train_log, report_problems
 from bench.report.table import Stat, TableRow, build_rows, display_eps, display_frame, header_line, numeric_frame
-from bench.store import atomic_write_bytes, atomic_write_text, eps_slug, write_csv
+from bench.store import add_out_argument, atomic_write_bytes, atomic_write_text, ensure_writable, eps_slug, write_csv
 from methods.base import MethodCard, ReferenceRow
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -75,8 +75,11 @@ def build_suite_report(results_root: Path, scale: str, suite: str, cards: Mappin
     reference = load_table2() if reference is None else reference
     note_marks = load_note_marks()
     rows = build_rows(runs, reference, cards)
-    return SuiteReport(scale, suite, runs, rows, header_line(runs, scale, suite),
-                       render.legend_line(rows, note_marks), display_frame(rows, note_marks), cards, reference)
+    # An unusable result file is named in every output, so that a row missing from a table is never silent.
+    legend = "\n\n".join(part for part in (render.legend_line(rows, note_marks),
+                                            render.problems_line(problems, results_root)) if part)
+    return SuiteReport(scale, suite, runs, rows, header_line(runs, scale, suite), legend,
+                       display_frame(rows, note_marks), cards, reference)
 
 
 def suite_table_markdown(results_root: Path, scale: str, suite: str) -> str:
@@ -90,6 +93,7 @@ def write_suite_report(results_root: Path, scale: str, suite: str, formats: Sequ
     """Build the suite's report and write the requested formats and all figures; returns the files written."""
     report = build_suite_report(results_root, scale, suite, cards, reference)
     out = results_root / scale / suite
+    ensure_writable(out / FIGURES_DIR)
     figures = _write_figures(report, out)
     texts = {
         "md": lambda: render.markdown_page(report.title, report.markdown, figures),
@@ -173,7 +177,7 @@ def parse_formats(text: str) -> list[str]:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    root = Path(args.results)
+    root = Path(args.out)
     formats = parse_formats(args.format)
     available = find_suites(root)
     if not available:
@@ -196,7 +200,7 @@ def report_command(args: argparse.Namespace) -> int:
 
 def register_verb(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild Table-2-style reports and figures from the result files")
-    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="results root (default: results)")
+    add_out_argument(p, "where the result files are read and the reports written")
     p.add_argument("--suite", nargs="+", help="only these suites (default: every suite with results)")
     p.add_argument("--scale", nargs="+", help="only these scales (default: every scale with results)")
     p.add_argument("--format", default=",".join(FORMATS),

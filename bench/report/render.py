@@ -11,6 +11,8 @@ import html
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from pathlib import Path
+
 import pandas as pd
 from tabulate import tabulate
 
@@ -31,6 +33,15 @@ def legend_line(rows: Sequence[TableRow], note_marks: Mapping[str, str]) -> str:
     """The meaning of every footnote mark used in the table, on one line ("" if none is used)."""
     used = {n.strip() for r in rows for n in r.notes.split(";")}
     return "; ".join(f"{mark} {meaning}" for mark, meaning in note_marks.items() if mark in used)
+
+
+def problems_line(problems: Sequence[str], root: Path) -> str:
+    """"Not shown: ..." naming every result file that could not be used, or ``""``."""
+    if not problems:
+        return ""
+    prefix = f"{root}/"
+    named = "; ".join(p.removeprefix(prefix) for p in problems)
+    return f"NOT SHOWN: {len(problems)} unusable result file{'s' if len(problems) > 1 else ''}: {named}"
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
