@@ -19,7 +19,7 @@ _VERB_MODULES = (
     "bench.catalog",
     "bench.report",
     "bench.regress",
-    "bench.perf",
+    "bench.status",
 )
 
 
@@ -37,14 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_guarded(args: argparse.Namespace, interrupted: str) -> int:
+    """``args.func(args)`` with user errors as one line and Ctrl-C as ``interrupted``, never a traceback
+    (also for the tools that live beside a method, such as ``python -m methods.linf_dist.perf``)."""
     try:
         return int(args.func(args))
     except (BenchError, MethodError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
-        print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args, "interrupted: finished cells are kept; run the same command again to resume")

@@ -26,7 +26,7 @@ from bench import data as datamod
 from bench.config import Cell, Suite, load_suite, parse_overrides
 from bench.errors import BenchError
 from bench.evaluate import Evaluation, evaluate, recertify
-from bench.machine import device_name
+from bench.machine import device_name, resolve_device
 from bench.store import (
     RESULT_FILE,
     SCHEMA_VERSION,
@@ -47,16 +47,6 @@ from methods import base as registry
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda requested but no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise BenchError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def _git_commit() -> str:

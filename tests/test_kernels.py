@@ -1,6 +1,7 @@
-"""The fused ℓp-distance kernels (``methods.linf_dist.kernels``) against a float64 brute force.
+"""The fused ℓp-distance kernels (``methods.linf_dist.kernels``) against the float64 brute force of
+``methods.linf_dist.exact``.
 
-Every backend function is checked on float32 inputs against an independent float64 computation: values
+Every backend function is checked on float32 inputs against that independent computation: values
 within 1e-5 relative per element; gradients within 1e-5 of the largest entry of the same gradient tensor
 (a per-element criterion is meaningless for entries made only of coefficients below 2^-48 of the largest,
 which the kernels, like the reference, flush to zero). Also: p = 1000 with large inputs, zero distances,
@@ -19,6 +20,17 @@ import pytest
 import torch
 
 from methods.linf_dist import kernels, reference
+from methods.linf_dist.exact import (
+    bf_interval,
+    bf_linf,
+    bf_linf_grads,
+    bf_lp,
+    bf_lp_grads,
+    grad_error,
+    make,
+    ties,
+    value_error,
+)
 from methods.linf_dist.kernels import cpu
 from methods.linf_dist.ops import linf_dist_interval, lp_dist
 
@@ -33,77 +45,16 @@ def fast_cpu_backend():
     yield
 
 
-# ------------------------------------------------------------------------------------------------------
-# float64 brute force (independent of the kernels' and the reference's formulations)
-
-
-def bf_distance(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.double()[:, None, :] - w.double()[None, :, :]
-
-
-def bf_lp(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
-    """‖x - w‖_p in float64, max-normalised (1e3^1000 overflows even float64)."""
-    a = bf_distance(x, w).abs()
-    m = a.amax(dim=2, keepdim=True)
-    safe = torch.where(m > 0, m, torch.ones_like(m))
-    return (m * ((a / safe) ** p).sum(dim=2, keepdim=True) ** (1.0 / p)).squeeze(2)
-
-
-def bf_lp_grads(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Analytic (sub)gradient, float64: sign(d) (|d|/y)^(p-1), sign(0) = +1, zero where y = 0 (p > 1)."""
-    d = bf_distance(x, w)
-    y = bf_lp(x, w, p)[:, :, None]
-    sign = torch.where(d >= 0, 1.0, -1.0).double()
-    if p == 1.0:
-        coef = sign
-    else:
-        ratio = torch.where(y > 0, d.abs() / torch.where(y > 0, y, torch.ones_like(y)), torch.zeros_like(d))
-        coef = sign * ratio ** (p - 1.0)
-    c = coef * g.double()[:, :, None]
-    return c.sum(dim=1), -c.sum(dim=0)
-
-
-def bf_linf(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values in float64; arg-max of the float32 |x - w| (the op's semantics), first maximiser on ties."""
-    y = bf_distance(x, w).abs().amax(dim=2)
-    a32 = (x[:, None, :] - w[None, :, :]).abs()
-    first = a32 == a32.amax(dim=2, keepdim=True)
-    pos = torch.arange(a32.shape[2]).expand_as(a32)
-    idx = torch.where(first, pos, torch.full_like(pos, a32.shape[2])).amin(dim=2)
-    return y, idx
-
-
-def bf_linf_grads(x, w, idx, g):
-    d = bf_distance(x, w).gather(2, idx[:, :, None]).squeeze(2)
-    sg = torch.where(d >= 0, 1.0, -1.0).double() * g.double()
-    gx = torch.zeros(x.shape, dtype=torch.float64)
-    gw = torch.zeros(w.shape, dtype=torch.float64)
-    for b in range(x.shape[0]):
-        for o in range(w.shape[0]):
-            gx[b, idx[b, o]] += sg[b, o]
-            gw[o, idx[b, o]] -= sg[b, o]
-    return gx, gw
-
-
-def bf_interval(lower, upper, w):
-    lo64, up64, w64 = lower.double()[:, None, :], upper.double()[:, None, :], w.double()[None]
-    low = torch.maximum(w64 - up64, lo64 - w64).amax(dim=2).clamp_min(0.0)
-    high = torch.maximum(w64 - lo64, up64 - w64).amax(dim=2)
-    return low, high
-
-
 def assert_values(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> None:
     assert got.dtype == torch.float32 and got.shape == want.shape
-    err = (got.double() - want).abs()
-    bad = err > rtol * want.abs()
-    assert not bad.any(), f"max rel err {(err / want.abs().clamp_min(1e-300)).max().item():.3e}"
+    err = value_error(got, want)
+    assert err <= rtol, f"max rel err {err:.3e}"
 
 
 def assert_grad(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> None:
     assert got.dtype == torch.float32 and got.shape == want.shape
-    scale = want.abs().max().item()
-    err = (got.double() - want).abs().max().item()
-    assert err <= rtol * scale, f"max err {err:.3e} vs {rtol:.0e} x {scale:.3e}"
+    err = grad_error(got, want)
+    assert err <= rtol, f"max err {err:.3e} of the largest entry (limit {rtol:.0e})"
 
 
 def check_lp(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, p: float) -> torch.Tensor:
@@ -116,14 +67,6 @@ def check_lp(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, p: float) -> tor
         assert_grad(gx, wx)
         assert_grad(gw, ww)
     return y
-
-
-def make(b: int, o: int, n: int, scale: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, generator=gen) * scale
-    w = torch.randn(o, n, generator=gen) * scale
-    g = torch.randn(b, o, generator=gen)
-    return x, w, g
 
 
 SHAPES = [(5, 7, 67), (1, 1, 1), (1, 9, 8), (6, 1, 130), (3, 4, 1000)]
@@ -228,20 +171,12 @@ def test_linf_matches_brute_force(shape: tuple[int, int, int]) -> None:
 
 @pytest.mark.parametrize("n", [1, 7, 64, 65, 200])
 def test_linf_ties_pick_the_first_maximiser(n: int) -> None:
-    gen = torch.Generator().manual_seed(n)
-    w = torch.randn(5, n, generator=gen) * 0.1
-    x = torch.zeros(4, n)
-    # several coordinates at the same (largest) distance, with both signs
-    for o in range(5):
-        cols = torch.randperm(n, generator=gen)[: max(1, n // 5)]
-        w[o, cols] = torch.where(torch.rand(len(cols), generator=gen) > 0.5, 1.0, -1.0)
-    x[3] = w[2]  # one zero-distance pair: y = 0, index 0
+    x, w, g = ties(n)  # x[3] = w[2]: y = 0, index 0
     y, idx = cpu.linf_dist_forward(x, w)
     want_y, want_idx = bf_linf(x, w)
     assert torch.equal(idx, want_idx)
     assert y[3, 2].item() == 0.0 and idx[3, 2].item() == 0
     assert torch.equal(y, reference.linf_dist_forward(x, w)[0])
-    g = torch.randn(4, 5, generator=gen)
     gx, gw = cpu.linf_dist_backward(x, w, idx, g, True, True)
     wx, ww = bf_linf_grads(x, w, idx, g)
     assert_grad(gx, wx, rtol=1e-6)

@@ -1,5 +1,5 @@
 """pytest-benchmark timings of the ℓp-distance op: the same cases, inputs and naive formulation as
-``python -m bench perf`` (``bench.perf``). Not part of CI (pytest skips benchmarks by default); run with
+``python -m methods.linf_dist.perf``. Not part of CI (pytest skips benchmarks by default); run with
 ``tox -e bench`` or ``pytest tests/benchmarks -o addopts="" --benchmark-only``.
 
 Each benchmark's ``extra_info`` carries G pairs/s (from the fastest round) and the shape. Set
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from bench import perf
+from methods.linf_dist import perf
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

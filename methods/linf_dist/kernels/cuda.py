@@ -16,7 +16,8 @@ Same contract as ``methods.linf_dist.reference``; the numerics follow the CPU ke
   use the same precise scheme as the CPU (TwoSum error of x − w, product residual, a polynomial log2 and a
   renormalising pre-pass), so they do not inherit (p − 1) × float32 rounding.
 - p = ∞ backward: the reference's gather / scatter-add (O(B · n_out), not worth a kernel).
-- Pairs whose distance leaves [2^-100, 2^100], non-finite inputs and other dtypes: the reference.
+- Pairs whose distance leaves [2^-100, 2^100]: the reference in float64 (as the CPU kernels' double path).
+- Non-finite inputs and other dtypes: the reference.
 """
 
 from __future__ import annotations
@@ -333,6 +334,7 @@ def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> tuple[torch.T
         y = launch_lp_forward(x.contiguous(), w.contiguous(), p)
         if y is not None:
             return y, None
+        return reference.lp_dist_forward(x.double(), w.double(), p)[0].float(), None
     return reference.lp_dist_forward(x, w, p)
 
 
@@ -344,7 +346,18 @@ def lp_dist_backward(x, w, y, state: None, g, p: float, need_x: bool, need_w: bo
         out = launch_lp_backward(x.contiguous(), w.contiguous(), y.contiguous(), g.contiguous(), p, need_x, need_w)
         if out is not None:
             return out
+        return _double_backward(x, w, g, p, need_x, need_w)
     return reference.lp_dist_backward(x, w, y, None, g, p, need_x, need_w)
+
+
+def _double_backward(x, w, g, p: float, need_x: bool, need_w: bool):
+    """Distances out of the fast range (as the CPU kernels' double path): the reference in float64, with y
+    recomputed there, since the float32 y's rounding would be raised to the power p − 1 (4.5e-5 of the
+    largest gradient entry at p = 1000 and magnitude 1e33, against the 1e-5 the kernels are held to)."""
+    x64, w64 = x.double(), w.double()
+    y64 = reference.lp_dist_forward(x64, w64, p)[0]
+    gx, gw = reference.lp_dist_backward(x64, w64, y64, None, g.double(), p, need_x, need_w)
+    return (None if gx is None else gx.float()), (None if gw is None else gw.float())
 
 
 def linf_dist_forward(x: torch.Tensor, w: torch.Tensor):

@@ -1,4 +1,7 @@
-"""``python -m bench perf``: throughput of the ℓp-distance op (ours) against the naive formulation.
+"""``python -m methods.linf_dist.perf``: throughput of the ℓp-distance op (ours) against the naive formulation.
+
+It lives beside the kernels it measures (``bench/`` never names a method). The GPU check
+(``methods.linf_dist.gpucheck``) runs the same cases at the paper's CIFAR shapes.
 
 For each case (general p = 8.5, 64, 1000; small integer p = 8; p = ∞; the interval forward at p = ∞) it
 times forward + backward and forward only through the public op (``methods.linf_dist.ops``, with the fast
@@ -41,8 +44,9 @@ from typing import Any, Callable
 
 import torch
 
+from bench.cli import run_guarded
 from bench.errors import BenchError
-from bench.machine import cpu_model
+from bench.machine import cpu_model, resolve_device
 from bench.store import atomic_write_json
 
 CPU_SHAPE = (512, 1024, 1024)  # (B, n_in, n_out)
@@ -292,7 +296,7 @@ def machine_description(device: torch.device) -> str:
     return text
 
 
-def _fast_backend_check(device: torch.device) -> str:
+def fast_backend_name(device: torch.device) -> str:
     from methods.linf_dist import kernels, reference
 
     probe = torch.zeros(1, 1, device=device)
@@ -309,19 +313,11 @@ def _fast_backend_check(device: torch.device) -> str:
 # CLI.
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def perf_command(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.naive_repeat < 1:
         raise BenchError("--repeat and --naive-repeat must be at least 1")
-    device = _device(args.device)
-    backend = _fast_backend_check(device)
+    device = resolve_device(args.device)
+    backend = fast_backend_name(device)
     if args.shape:
         try:
             shape = tuple(int(v) for v in args.shape.split(","))
@@ -357,8 +353,9 @@ def perf_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_verb(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("perf", help="time the ℓp-distance kernels against the naive formulation")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m methods.linf_dist.perf",
+                                description="time the ℓp-distance kernels against the naive formulation")
     p.add_argument("--json", metavar="PATH", help="write the measured rows as JSON")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
     p.add_argument("--repeat", type=int, default=5, help="timed calls of ours per case, best kept (default 5)")
@@ -366,3 +363,14 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", metavar="B,N_IN,N_OUT",
                    help="measure this one shape instead (default: 512,1024,1024, plus the CIFAR layers on a GPU)")
     p.set_defaults(func=perf_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The rows are written only once every case has run, so an interrupted run leaves no partial file.
+    return run_guarded(args, "interrupted: nothing was written (--json is written only after the last case)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
