@@ -123,6 +123,12 @@ class Context:
             torch.cuda.synchronize(self.device)
 
 
+def _release(ctx: Context) -> None:
+    """Return cached GPU memory, so that the next item's peak is its own and a failed one's does not linger."""
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _num(value: float) -> float | str:
     """A JSON-safe number with 4 significant digits (errors can be infinite)."""
     return float(f"{value:.4g}") if math.isfinite(value) else str(value)
@@ -256,8 +262,12 @@ def _check_p(backend: Any, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, p:
         errors = (exact.value_error(y, exact.bf_lp(x, w, p)), exact.grad_error(gx, wx), exact.grad_error(gw, ww))
         ok = max(errors) <= FINITE_LIMIT
         extra = {}
-    return {"op": f"p={'inf' if math.isinf(p) else f'{p:g}'}", "value_err": _num(errors[0]),
-            "grad_x_err": _num(errors[1]), "grad_w_err": _num(errors[2]), **extra, "ok": ok}
+    return {"value_err": _num(errors[0]), "grad_x_err": _num(errors[1]), "grad_w_err": _num(errors[2]), **extra,
+            "ok": ok}
+
+
+def _p_label(p: float) -> str:
+    return f"p={'inf' if math.isinf(p) else f'{p:g}'}"
 
 
 def _check_interval(backend: Any, x: torch.Tensor, w: torch.Tensor) -> dict[str, Any]:
@@ -273,7 +283,7 @@ def _check_interval(backend: Any, x: torch.Tensor, w: torch.Tensor) -> dict[str,
     errors = (exact.value_error(hi, want_hi), exact.value_error(lo[positive], want_lo[positive]))
     zero_ok = bool((lo[~positive] == 0).all())
     bitwise = bool(torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi))
-    return {"op": "interval", "upper_err": _num(errors[0]), "lower_err": _num(errors[1]),
+    return {"upper_err": _num(errors[0]), "lower_err": _num(errors[1]),
             "zero_lower_exact": zero_ok, "bitwise_equal_reference": bitwise,
             "ok": max(errors) <= INF_VALUE_LIMIT and zero_ok and bitwise}
 
@@ -291,16 +301,20 @@ def step_kernels(ctx: Context) -> dict[str, Any]:
     data: dict[str, Any] = {"triton": cuda.triton.__version__, "interpreter": ctx.dry, "rows": rows}
     for name, tensors in _kernel_inputs(ctx):
         x, w, g = (t.to(ctx.device) for t in tensors)
-        checks = [partial(_check_p, cuda, x, w, g, p) for p in P_VALUES] + [partial(_check_interval, cuda, x, w)]
-        for check in checks:
-            ctx.check_time(f"kernel checks from {name}")
+        checks = [(_p_label(p), partial(_check_p, cuda, x, w, g, p)) for p in P_VALUES]
+        for op, check in [*checks, ("interval", partial(_check_interval, cuda, x, w))]:
+            ctx.check_time(f"kernel checks from {name} {op}")
             start = time.perf_counter()
-            row = {"inputs": name, "shape": [x.shape[0], x.shape[1], w.shape[0]], **check()}
-            ctx.sync()
+            row: dict[str, Any] = {"inputs": name, "shape": [x.shape[0], x.shape[1], w.shape[0]], "op": op}
+            try:
+                row |= check()
+                ctx.sync()
+            except Exception as exc:  # noqa: BLE001 - one failing kernel must not hide the others' results
+                row |= {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             row["seconds"] = round(time.perf_counter() - start, 3)
             rows.append(row)
-            ctx.log(f"  {name} {row['op']}: {'ok' if row['ok'] else 'FAILED'} "
-                    + " ".join(f"{k}={v}" for k, v in row.items() if k.endswith("err") or k.endswith("mismatches")))
+            ctx.log(f"  {name} {op}: {'ok' if row['ok'] else 'FAILED'} " + " ".join(
+                f"{k}={v}" for k, v in row.items() if k.endswith(("err", "mismatches", "error"))))
     failed = [f"{r['inputs']} {r['op']}" for r in rows if not r["ok"]]
     if failed:
         raise CheckFailed(f"{len(failed)} kernel checks out of their limits: {', '.join(failed)}", data)
@@ -317,15 +331,24 @@ def step_perf(ctx: Context) -> dict[str, Any]:
     shapes = [(8, 24, 16)] if ctx.dry else list(perf.CIFAR_SHAPES)
     repeat = 1 if ctx.dry else 3
     rows: list[dict[str, Any]] = []
+    errors: list[str] = []
     data = {"backend": perf.fast_backend_name(ctx.device), "repeat_ours": repeat, "repeat_naive": 1,
-            "low_precision": NO_LOW_PRECISION, "rows": rows}
+            "low_precision": NO_LOW_PRECISION, "rows": rows, "errors": errors}
     for shape in shapes:
         for case in perf.CASES:
             ctx.check_time(f"perf from {case.name} at {shape}")
-            row = perf.measure(case, shape, ctx.device, repeat, 1)
+            try:
+                row = perf.measure(case, shape, ctx.device, repeat, 1)
+            except Exception as exc:  # noqa: BLE001 - recorded; the next case runs
+                errors.append(f"{case.name} p={case.p:g} at {shape}: {type(exc).__name__}: {exc}")
+                ctx.log("  " + errors[-1])
+                _release(ctx)
+                continue
             rows.append(row)
             ctx.log(f"  {row['case']:<24} p={row['p']:<6} {'x'.join(map(str, shape)):>15}  ours {row['ours_gpairs_s']:.3f}  "
                     f"naive {row['naive_gpairs_s']:.4f} G pairs/s  ({row['speedup']}x)")
+    if errors:
+        raise CheckFailed(f"{len(errors)} perf cases failed", data)
     return data
 
 
@@ -507,7 +530,7 @@ def step_paper(ctx: Context) -> dict[str, Any]:
     data["suites_hours"] = {s.name: _suite_total(s.name, groups, data["cells"]) for s in _suites(ctx)}
     estimate_exit = data["estimate_comparison"]["exit"]
     if data["skipped"] or estimate_exit != 0:
-        raise CheckFailed(f"{len(data['skipped'])} (suite, method) groups not timed in the budget; "
+        raise CheckFailed(f"{len(data['skipped'])} (suite, method) groups not timed (budget or error); "
                           f"--estimate exit {estimate_exit}", data)
     return data
 
@@ -523,9 +546,12 @@ def _time_groups(keys: list[tuple[str, str, int]], groups: dict[tuple[str, str, 
             data["skipped"].append(f"{name}: out of time at {exc}")
             ctx.log(f"  {name}: skipped, out of time")
             continue
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one model: recorded, the next runs
+            data["skipped"].append(f"{name}: {type(exc).__name__}: {exc}")
+            ctx.log(f"  {name}: failed: {type(exc).__name__}: {exc}")
+            continue
         finally:
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()  # the next model's memory is its own, not this one's cache
+            _release(ctx)
         data["groups"][name] = timing
         for cell in groups[key]:
             seconds = _project(cell, timing)
