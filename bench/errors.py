@@ -5,3 +5,7 @@ class BenchError(Exception):
     """Bad input or environment (unknown suite, missing data, corrupt file, unwritable output ...)."""
 
     exit_code = 2
+
+
+class NoResults(BenchError):
+    """Nothing finished to show yet (a table asked for before any cell of it finished)."""

@@ -102,7 +102,7 @@ def holder(folder: Path) -> Holder | None:
     path = folder / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:  # no lock file, or no such folder: nobody can hold it
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from bench.data import DISPLAY_NAMES
-from bench.errors import BenchError
+from bench.errors import BenchError, NoResults
 from bench.reference import card_rows, load_note_marks, load_table2
 from bench.report import plots, render
 from bench.report.records import Run, find_suites, read_runs, read_train_log, report_problems
@@ -70,7 +70,7 @@ def build_suite_report(results_root: Path, scale: str, suite: str, cards: Mappin
     runs, problems = read_runs(results_root, scale, suite)
     report_problems(problems)
     if not runs:
-        raise BenchError(f"no finished results under {results_root / scale / suite}")
+        raise NoResults(f"no finished results under {results_root / scale / suite}")
     cards = registered_cards() if cards is None else cards
     reference = load_table2() if reference is None else reference
     note_marks = load_note_marks()
