@@ -76,6 +76,19 @@ def test_projection_weights_each_phase_by_its_epochs() -> None:
     assert gpucheck._project(cell, timing) == pytest.approx(train + evaluation)
 
 
+def test_every_paper_cell_has_what_the_timing_step_reads() -> None:
+    """The paper step runs only on a GPU: its reading of the paper-scale configs is checked here."""
+    from bench.config import load_suite
+
+    for name in ("mnist", "cifar"):
+        for cell in load_suite(name).cells("paper", None, None, [0]):
+            phases = gpucheck._phases(cell.config, int(cell.config["epochs"]))
+            assert phases[0][0] == 0 and phases[-1][1] == int(cell.config["epochs"]), cell.label
+            assert int(cell.config["batch_size"]) > 0, cell.label
+    linf = load_suite("cifar").cells("paper", ["linf-dist"], None, [0])[0].config
+    assert gpucheck._phases(linf, 1300) == [(0, 100), (100, 1250), (1250, 1300)]  # paper Table 3
+
+
 def test_a_spent_budget_records_the_step_as_incomplete(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(perf, "fast_backend_name", lambda device: "not built: the budget stops the step first")
     ctx = gpucheck.Context(tmp_path, tmp_path / "work", torch.device("cpu"), True, None)
