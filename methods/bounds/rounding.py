@@ -7,10 +7,11 @@ verifiers which ignore either): with m the exact margin and m̃ the float32-eval
 the box, m̃(x') ≥ m(x') − E_fwd ≥ L̂ − E_bound − E_fwd, so L̂ > τ ≥ E_bound + E_fwd proves m̃(x') > 0.
 
 Derivation (standard forward error analysis, Higham, "Accuracy and Stability of Numerical Algorithms",
-2nd ed., §2.2 and Lemma 3.1/3.3). u is the unit roundoff: 2^-24 for float32, 2^-53 for float64, and 2^-11
-where CUDA may use TF32 (products are then formed from 10-bit mantissas). Every elementary operation
-returns op(a, b)(1 + δ) with |δ| ≤ u; a sum of n products, in ANY order and with or without FMA, has
-|fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_n Σ |a_i b_i| with γ_n = n u / (1 − n u); and (1 + γ_a)(1 + γ_b) ≤ 1 + γ_{a+b}.
+2nd ed., §2.2 and Lemma 3.1/3.3). u is the unit roundoff: 2^-24 for float32, 2^-53 for float64. Every
+elementary operation returns op(a, b)(1 + δ) with |δ| ≤ u; a sum of n products, in ANY order and with or
+without FMA, has |fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_n Σ |a_i b_i| with γ_n = n u / (1 − n u); and
+(1 + γ_a)(1 + γ_b) ≤ 1 + γ_{a+b}. Where CUDA may use TF32, each product also carries the rounding of its
+factors to 11 significant bits, which adds ~2^-10 to the γ of every matrix product and convolution.
 Convolutions are assumed to be computed as sums of products (direct or im2col + GEMM, what torch uses on
 CPU), not by Winograd or FFT transforms, whose error is not of this form: our assumption.
 
@@ -39,11 +40,13 @@ A CROWN backward pass (CROWN-IBP, CROWN) computes λ̂_k = fl(λ̂_{k+1} A_k) an
 λ̂_{k+1} z_{k+1} = λ̂_k z_k + (λ̂_{k+1} A_k − λ̂_k) z_k + λ̂_{k+1} b_k, every rounding enters the final bound
 as |λ̂_{k+1}| (γ (|A_k| M_k + |b_k|)), and |λ̂_{k+1}| ≤ (1 + γ)^L |e_y − e_j| ∏ |A| because relaxation slopes
 lie in [0, 1]. A relaxation built on a computed box [l̃, ũ] that is off by e holds for the true values up
-to e, and rounding its slope u/(u − l) and intercept costs 3u max(|l̃|, |ũ|). So E_bound ≤ f_y + f_j with
-f the same recursion WITHOUT the ReLU masking (a CROWN coefficient can pass a neuron that IBP proves off),
-plus e + 3u max(|l̃|, |ũ|) added at every ReLU, started from γ_{n_0+L+2} M_0 (the final sum over the input),
-and multiplied by (1 + γ)^L; the boxes are IBP's for CROWN-IBP (off by e) and CROWN's own for CROWN (off
-by f). τ_CROWN = (f_y + f_j) + (e_y + e_j).
+to e, and rounding its slope u/(u − l) and intercept costs 3u max(|l̃|, |ũ|); where the box is off for
+sure (ũ + e ≤ 0) or on for sure (l̃ − e ≥ 0) the relaxation is exact. A neuron whose computed box has
+ũ ≤ 0 gets slope 0 exactly, so no coefficient passes it. So E_bound ≤ f_y + f_j with f the same recursion
+as e but masked at the ReLUs by the relaxation boxes (ũ ≤ 0), plus e + 3u max(|l̃|, |ũ|) added at every
+ReLU whose sign the box leaves unsure, started from γ_{n_0+L+2} M_0 (the final sum over the input) and
+multiplied by (1 + γ)^L; the boxes are IBP's for CROWN-IBP (off by e) and CROWN's own for CROWN (off by
+f). τ_CROWN = (f_y + f_j) + (e_y + e_j).
 
 Orders of magnitude: γ_n ≈ n · 6e-8 in float32, so a layer of fan-in 1000 costs ~1e-4 of |A| M_k; the
 slack is a small fraction of a typical certified margin, and it vanishes in float64.
@@ -77,13 +80,20 @@ _ACTIVATION_ULPS = 4
 
 
 def unit_roundoff(t: torch.Tensor) -> float:
-    """u for arithmetic on ``t``: its dtype's, or TF32's where CUDA may use TF32 for products."""
+    """u of arithmetic on ``t``'s dtype."""
     if t.dtype == torch.float64:
         return 2.0**-53
     if t.dtype != torch.float32:
         raise MethodError(f"certificates need float32 or float64 arithmetic, got {t.dtype}")
+    return 2.0**-24
+
+
+def product_rounding(t: torch.Tensor) -> float:
+    """Extra relative error of each product in a matrix product or convolution on ``t``: TF32 (allowed on
+    CUDA for convolutions by default) rounds both factors to 11 significant bits, 2·2^-11 + 2^-22 in all,
+    and accumulates in float32. Zero elsewhere."""
     tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    return 2.0**-11 if t.is_cuda and tf32 else 2.0**-24
+    return 2 * 2.0**-11 + 2.0**-22 if t.is_cuda and t.dtype == torch.float32 and tf32 else 0.0
 
 
 def gamma(n: int, u: float) -> float:
@@ -115,20 +125,21 @@ def rounding_errors(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,
     """Error bounds at the logits of ``model`` (an eval-mode ``nn.Sequential``) over the box
     [lower, upper] (the box the certificate bounds, as computed). ``relaxation_boxes``: the ReLU input
     boxes of a full CROWN pass, keyed by layer position (None: the IBP boxes are the relaxations')."""
-    u = unit_roundoff(lower)
+    u, tf32 = unit_roundoff(lower), product_rounding(lower)
     layers = bound_layers(model)
     steps = len(layers)
+    relative = {i: gamma(_terms(layer) + _PARAMETER_AND_BOX_ROUNDINGS + steps, u) + tf32
+                for i, layer in enumerate(layers) if isinstance(layer, Affine)}
+    # |λ̂| ≤ (1 + γ)^L |spec| ∏|A|: the rounding of the coefficients themselves.
+    growth = (1 + max(relative.values(), default=0.0)) ** steps
     magnitude = torch.maximum(lower.abs(), upper.abs())
     e = u * magnitude
-    f = gamma(magnitude[0].numel() + steps + 2, u) * magnitude
-    widest = 0.0
+    f = (gamma(magnitude[0].numel() + steps + 2, u) + tf32) * magnitude
     with torch.no_grad():
         for i, layer in enumerate(layers):
             mag = torch.maximum(lower.abs(), upper.abs()) + e
             if isinstance(layer, Affine):
-                g = gamma(_terms(layer) + _PARAMETER_AND_BOX_ROUNDINGS + steps, u)
-                widest = max(widest, g)
-                fresh = g * (layer.apply_abs(mag) + _offset_magnitude(layer, lower))
+                fresh = relative[i] * (layer.apply_abs(mag) + _offset_magnitude(layer, lower))
                 e, f = layer.apply_abs(e) + fresh, layer.apply_abs(f) + fresh
             elif isinstance(layer, Flatten):
                 e, f = e.flatten(1), f.flatten(1)
@@ -136,8 +147,10 @@ def rounding_errors(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,
                 if relaxation_boxes is None:
                     box_lower, box_upper, box_error = lower, upper, e
                 else:
-                    (box_lower, box_upper), box_error = relaxation_boxes[i], f
-                f = f + box_error + 3 * u * torch.maximum(box_lower.abs(), box_upper.abs())
+                    (box_lower, box_upper), box_error = relaxation_boxes[i], f * growth
+                unsure = (box_upper + box_error > 0) & (box_lower - box_error < 0)
+                violation = box_error + 3 * u * torch.maximum(box_lower.abs(), box_upper.abs())
+                f = torch.where(box_upper > 0, f, torch.zeros_like(f)) + torch.where(unsure, violation, 0 * f)
                 e = torch.where(upper + 2 * e <= 0, torch.zeros_like(e), e)
             elif isinstance(layer, Monotone):
                 e, f = e + _ACTIVATION_ULPS * u, f + _ACTIVATION_ULPS * u
@@ -150,7 +163,7 @@ def rounding_errors(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,
             else:
                 raise MethodError(f"no rounding error rule for the {layer.kind} layer")
             lower, upper = layer.propagate_interval(lower, upper)
-    return RoundingErrors(interval=e.flatten(1), linear=f.flatten(1) * (1 + widest) ** steps)
+    return RoundingErrors(interval=e.flatten(1), linear=f.flatten(1) * growth)
 
 
 def _terms(layer: Affine) -> int:
