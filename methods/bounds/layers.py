@@ -103,8 +103,9 @@ class Affine(BoundLayer):
         raise NotImplementedError
 
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
-        centre = self.apply((upper + lower) / 2)
-        radius = self.apply_abs((upper - lower) / 2)
+        # Halved in place (× 0.5 is exact, as / 2 is): one allocation less per end, a cheaper gradient.
+        centre = self.apply(torch.add(upper, lower).mul_(0.5))
+        radius = self.apply_abs(torch.sub(upper, lower).mul_(0.5))
         return centre - radius, centre + radius
 
     def backward(
@@ -323,19 +324,21 @@ class ReLU(BoundLayer):
         return isinstance(module, nn.ReLU)
 
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
-        return lower.clamp(min=0), upper.clamp(min=0)
+        # relu, not clamp: the same values, and torch 1.13's clamp gradient is a slow select.
+        return torch.relu(lower), torch.relu(upper)
 
     @staticmethod
     def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(lower slope, upper slope, upper intercept), each shaped like the box; the lower slope is
         piecewise constant in the box and carries no gradient."""
+        # 0/1 masks and products instead of selects (several times faster here, same values): a safe
+        # denominator (1 added where the neuron is stable) keeps the unused branch finite, so its gradient
+        # is 0 rather than NaN.
         active = (lower >= 0).to(lower.dtype)
-        unstable = (lower < 0) & (upper > 0)
-        # A safe denominator keeps the unused branch finite, so its gradient is 0 rather than NaN.
-        width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-        upper_slope = torch.where(unstable, upper / width, active)
-        upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(lower))
-        lower_slope = torch.where(unstable, (upper > -lower).to(lower.dtype), active).detach()
+        unstable = ((lower < 0) & (upper > 0)).to(lower.dtype)
+        upper_slope = unstable * (upper / (upper - lower + (1 - unstable))) + active
+        upper_intercept = -upper_slope * lower * unstable
+        lower_slope = (unstable * (upper > -lower).to(lower.dtype) + active).detach()
         return lower_slope, upper_slope, upper_intercept
 
     def backward(
