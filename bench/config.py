@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,7 +32,13 @@ SCALE_KEYS = {
     "pgd_steps": int,
     "pgd_restarts": int,
     "eval_batch_size": int,
+    "attack": str,
+    "apgd_steps": int,
 }
+SCALE_DEFAULTS = {"attack": "pgd", "apgd_steps": 100}
+"""Keys a suite file may omit. ``attack = "apgd"`` adds the APGD-CE + APGD-T ensemble (``apgd_steps`` per
+run; AutoAttack's standard is 100) beside the scale's PGD; ``"pgd"`` runs PGD alone."""
+ATTACKS = ("pgd", "apgd")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,16 @@ class ScaleConfig:
     pgd_steps: int
     pgd_restarts: int
     eval_batch_size: int
+    attack: str = SCALE_DEFAULTS["attack"]
+    apgd_steps: int = SCALE_DEFAULTS["apgd_steps"]
+
+    def with_attack(self, attack: str | None) -> ScaleConfig:
+        """This scale with its attack replaced (``--attack``); ``None`` keeps it."""
+        if attack is None:
+            return self
+        if attack not in ATTACKS:
+            raise BenchError(f"unknown attack {attack!r}; use {' or '.join(ATTACKS)}")
+        return replace(self, attack=attack)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +76,8 @@ class ScaleConfig:
             "pgd_steps": self.pgd_steps,
             "pgd_restarts": self.pgd_restarts,
             "eval_batch_size": self.eval_batch_size,
+            "attack": self.attack,
+            "apgd_steps": self.apgd_steps,
         }
 
 
@@ -152,6 +170,7 @@ def _eps_table(tables: Mapping[str, Any], eps: Fraction, path: Path) -> Mapping[
 
 
 def _scale(name: str, table: Mapping[str, Any], path: Path) -> ScaleConfig:
+    table = {**SCALE_DEFAULTS, **table}
     for key, typ in SCALE_KEYS.items():
         if key not in table:
             raise BenchError(f"{path}: scale {name!r} lacks {key}")
@@ -163,6 +182,10 @@ def _scale(name: str, table: Mapping[str, Any], path: Path) -> ScaleConfig:
     start, stop = table["test_range"]
     if not 0 <= start < stop:
         raise BenchError(f"{path}: scales.{name}.test_range must be [start, stop) with 0 <= start < stop")
+    if table["attack"] not in ATTACKS:
+        raise BenchError(f"{path}: scales.{name}.attack must be one of {', '.join(ATTACKS)}")
+    if table["apgd_steps"] < 1:
+        raise BenchError(f"{path}: scales.{name}.apgd_steps must be at least 1")
     return ScaleConfig(
         name=name,
         description=table["description"],
@@ -171,6 +194,8 @@ def _scale(name: str, table: Mapping[str, Any], path: Path) -> ScaleConfig:
         pgd_steps=table["pgd_steps"],
         pgd_restarts=table["pgd_restarts"],
         eval_batch_size=table["eval_batch_size"],
+        attack=table["attack"],
+        apgd_steps=table["apgd_steps"],
     )
 
 

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from bench import data as datamod
-from bench.config import Cell, Suite, load_suite, parse_overrides
+from bench.config import ATTACKS, Cell, Suite, load_suite, parse_overrides
 from bench.errors import BenchError
-from bench.evaluate import Evaluation, evaluate, recertify
+from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate, recertify
 from bench.machine import device_name, resolve_device
 from bench.store import (
     RESULT_FILE,
@@ -189,7 +189,7 @@ def _provenance(opts: RunOptions, started: datetime, timings: dict[str, float]) 
 
 
 def _write_verdicts(folder: Path, name: str, ev: Evaluation) -> None:
-    write_csv(folder / name, ["index", "label", "clean", "pgd", "certified", "verdict"], ev.rows())
+    write_csv(folder / name, VERDICT_COLUMNS, ev.rows())
 
 
 def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> dict[str, Any]:
@@ -216,9 +216,8 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
     method.deploy(model)
     _save(folder / MODEL, model.state_dict())
 
-    ev = evaluate(method, model, splits[False], cell.scale.test_range, float(cell.eps), cell.scale.pgd_steps,
-                  cell.scale.pgd_restarts, cell.scale.eval_batch_size, opts.device, cell.seed, None,
-                  progress=opts.progress)
+    ev = evaluate(method, model, splits[False], cell.scale.test_range, float(cell.eps), AttackPlan.of(cell.scale),
+                  cell.scale.eval_batch_size, opts.device, cell.seed, None, progress=opts.progress)
     _write_verdicts(folder, "verdicts.csv", ev)
     timings = {"train": train_s, **ev.timings_s}
     timings["total"] = sum(timings.values())
@@ -232,8 +231,7 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
         "index_range": list(cell.scale.test_range),
         "certifier": ev.certifier,
         "eps": {"test": format_eps(cell.eps), "train": str(cell.config.get("eps_train", format_eps(cell.eps)))},
-        "attack": {"name": "pgd", "steps": cell.scale.pgd_steps, "restarts": cell.scale.pgd_restarts,
-                   "step_size_over_eps": 0.25, "loss": "cross-entropy", "counted_broken": "any iterate"},
+        "attack": AttackPlan.of(cell.scale).record(),
         "provenance": _provenance(opts, started, timings),
         "files": {"verdicts": "verdicts.csv", "train_log": "train_log.csv", "model": MODEL, "config": "config.json"},
     }
@@ -260,12 +258,12 @@ def certify_cell(cell: Cell, opts: RunOptions, test: datamod.Split, certifier: s
                          "delete result.json to re-run the cell") from None
     method = registry.get(cell.method)
     model = load_model(folder, str(opts.device))
-    ev = recertify(method, model, test, previous, float(cell.eps), cell.scale.eval_batch_size, opts.device,
-                   certifier)
+    ev = recertify(method, model, test, previous, float(cell.eps), AttackPlan.of(cell.scale),
+                   cell.scale.eval_batch_size, opts.device, cell.seed, certifier)
     verdicts = f"verdicts-{certifier}.csv"
     _write_verdicts(folder, verdicts, ev)
     record = {**main, "metrics": ev.metrics(), "counts": ev.counts(), "certifier": ev.certifier,
-              "provenance": _provenance(opts, started, {**ev.timings_s, "total": ev.timings_s["certify"]}),
+              "provenance": _provenance(opts, started, {**ev.timings_s, "total": sum(ev.timings_s.values())}),
               "files": {**main["files"], "verdicts": verdicts}}
     atomic_write_json(folder / result_file(certifier), record)
     return record
@@ -332,6 +330,7 @@ def _summary(record: dict[str, Any]) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     suite, cells = select_cells(args)
+    cells = [replace(c, scale=c.scale.with_attack(args.attack)) for c in cells]
     _check_certifier(cells, args.certifier)
     out = Path(args.out)
     states = {cell: cell_state(cell, out) for cell in cells}
@@ -401,6 +400,9 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--certifier", help="also certify every cell's model with this verifier (ibp, crown-ibp, crown, "
                                        "linf-interval; default: only the method's own); written beside the cell "
                                        "as result-<certifier>.json")
+    p.add_argument("--attack", choices=ATTACKS,
+                   help="pgd: the scale's PGD only; apgd: also the APGD-CE + APGD-T ensemble in a column of its own "
+                        "(default: the scale's setting); applies to cells that run now")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--estimate", action="store_true",
                    help="with --dry-run: time a few training steps per pending cell to estimate its cost")

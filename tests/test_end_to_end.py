@@ -49,7 +49,7 @@ def test_smoke_cell_writes_a_consistent_result(smoke_results: Path, method: str)
     assert {"train", "clean", "pgd", "certify"} <= set(record["provenance"]["timings_s"])
     assert record["provenance"]["versions"]["torch"] == torch.__version__
     verdicts = (folder / "verdicts.csv").read_text().splitlines()
-    assert verdicts[0] == "index,label,clean,pgd,certified,verdict" and len(verdicts) == 201
+    assert verdicts[0] == "index,label,clean,pgd,certified,verdict,apgd,broken_by" and len(verdicts) == 201
     certified = sum(line.split(",")[4] == "1" for line in verdicts[1:])
     assert certified == record["counts"]["certified"]
     assert json.loads((folder / "config.json").read_text())["cell"]["method"] == method

@@ -47,6 +47,9 @@ class Run:
     variant: str = ""
     """"" for the cell's own record (``result.json``); ``@<certifier>`` for the same model under another
     verifier (``result-<certifier>.json``), which is a row of its own."""
+    apgd: float | None = None
+    """Accuracy under PGD and the APGD ensemble together; ``None`` where the ensemble did not run (results
+    written before it existed, or with ``--attack pgd``)."""
 
     @property
     def cell(self) -> str:
@@ -149,6 +152,7 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
         attack=_attack_text(attack),
         folder=loaded.folder,
         variant=variant,
+        apgd=None if "apgd" not in metrics else float(metrics["apgd"]),
     )
 
 
@@ -156,4 +160,7 @@ def _attack_text(attack: Mapping[str, Any]) -> str:
     if not attack:
         return "PGD (settings not recorded)"
     restarts = int(attack["restarts"])
-    return f"PGD-{int(attack['steps'])}, {restarts} restart{'' if restarts == 1 else 's'}"
+    text = f"PGD-{int(attack['steps'])}, {restarts} restart{'' if restarts == 1 else 's'}"
+    if "apgd" in attack:
+        text += f"; APGD-CE + APGD-T ({int(attack['apgd']['targets'])} targets), {int(attack['apgd']['steps'])} steps"
+    return text

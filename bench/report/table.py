@@ -21,9 +21,11 @@ from bench.report.records import Run
 from bench.store import format_eps
 from methods.base import MethodCard, ReferenceRow
 
-METRICS = ("clean", "pgd", "certified")
-COLUMNS = ("Dataset", "ε", "Method", "Reference", "Clean", "PGD", "Certified", "Δ Cert.", "Certifier", "n", "Wall")
-NUMERIC_COLUMNS = ("Clean", "PGD", "Certified", "Δ Cert.", "n", "Wall")
+METRICS = ("clean", "pgd", "apgd", "certified")
+"""``apgd``: accuracy under PGD and the APGD ensemble, the strongest attack; "-" where it did not run."""
+COLUMNS = ("Dataset", "ε", "Method", "Reference", "Clean", "PGD", "APGD", "Certified", "Δ Cert.", "Certifier", "n",
+           "Wall")
+NUMERIC_COLUMNS = ("Clean", "PGD", "APGD", "Certified", "Δ Cert.", "n", "Wall")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TableRow:
     notes: str
     clean: Stat | None
     pgd: Stat | None
+    apgd: Stat | None
     certified: Stat | None
     delta: float | None
     """Our median certified accuracy minus that of the paper row our method reproduces (fraction)."""
@@ -94,13 +97,13 @@ def _paper_row(row: ReferenceRow) -> TableRow:
         return None if value is None else Stat(value, value, value, 1)
 
     return TableRow(False, row.dataset, row.eps, row.label, row.source, row.notes,
-                    stat(row.clean), stat(row.pgd), stat(row.certified), None)
+                    stat(row.clean), stat(row.pgd), None, stat(row.certified), None)
 
 
 def _our_row(label: str, method: str, runs: list[Run], paper: ReferenceRow | None) -> TableRow:
     runs = sorted(runs, key=lambda r: r.seed)
     seeds = tuple(r.seed for r in runs)
-    stats = {m: Stat.of([getattr(r, m) for r in runs]) for m in METRICS}
+    stats = {m: Stat.of([getattr(r, m) for r in runs]) for m in ("clean", "pgd", "certified")}
     delta = None
     if paper is not None and paper.certified is not None:
         delta = stats["certified"].median - paper.certified
@@ -109,11 +112,19 @@ def _our_row(label: str, method: str, runs: list[Run], paper: ReferenceRow | Non
         who += f", re-certified with {runs[0].certifier}"
     return TableRow(
         ours=True, dataset=runs[0].dataset, eps=runs[0].eps, method=label, reference=f"ours ({method}, {who})",
-        notes="", clean=stats["clean"], pgd=stats["pgd"], certified=stats["certified"], delta=delta,
+        notes="", clean=stats["clean"], pgd=stats["pgd"], apgd=_stat([r.apgd for r in runs]),
+        certified=stats["certified"], delta=delta,
         method_id=method, seeds=seeds, certifier=_joined(r.certifier for r in runs),
         n_examples=_joined(str(r.n_examples) for r in runs),
         wall_s=statistics.median(r.wall_s for r in runs),
     )
+
+
+def _stat(values: Sequence[float | None]) -> Stat | None:
+    """A Stat over runs, or ``None`` unless every run has the value (a median over some seeds would
+    describe other runs than the row's other columns do)."""
+    present = [v for v in values if v is not None]
+    return Stat.of(present) if len(present) == len(values) else None
 
 
 def _joined(values: Iterable[str]) -> str:
@@ -171,6 +182,7 @@ def display_frame(rows: Sequence[TableRow], note_marks: Mapping[str, str]) -> pd
             f"{row.reference} {mark}" if mark else row.reference,
             stat_text(row.clean),
             stat_text(row.pgd),
+            stat_text(row.apgd),
             stat_text(row.certified),
             delta_text(row.delta),
             row.certifier,
