@@ -12,24 +12,29 @@ import argparse
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from bench import data as datamod
 from bench.config import ATTACKS, Cell, Suite, load_suite, parse_overrides
-from bench.errors import BenchError
+from bench.errors import BenchError, NoResults
+from bench.estimate import ESTIMATE_ACCURACY
 from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate, recertify
+from bench.lock import CellBusy, CellLock
+from bench.lock import holder as lock_holder
 from bench.machine import device_name, resolve_device
 from bench.store import (
     RESULT_FILE,
     SCHEMA_VERSION,
+    add_out_argument,
     atomic_write_bytes,
     atomic_write_json,
     cell_dir,
@@ -87,10 +92,15 @@ class RunOptions:
 
 
 def cell_folder(cell: Cell, out: Path) -> Path:
-    return cell_dir(out, cell.scale.name, cell.suite, cell.dataset, cell.eps, cell.method, cell.seed)
+    return cell_dir(out, cell.scale.name, cell.suite, cell.dataset, cell.eps, cell.method_folder, cell.seed)
 
 
 def cell_state(cell: Cell, out: Path) -> str:
+    """running (another process holds the cell's lock), else ``result_state``."""
+    return "running" if lock_holder(cell_folder(cell, out)) is not None else result_state(cell, out)
+
+
+def result_state(cell: Cell, out: Path) -> str:
     """done / stale (finished under another config) / partial / corrupt / missing."""
     folder = cell_folder(cell, out)
     result = folder / RESULT_FILE
@@ -101,6 +111,13 @@ def cell_state(cell: Cell, out: Path) -> str:
             return "corrupt"
         return "done" if record["config"] == dump_config(cell.config) else "stale"
     return "partial" if (folder / CHECKPOINT).exists() else "missing"
+
+
+def changed_keys(cell: Cell, out: Path) -> list[str]:
+    """The config keys in which a stale cell's finished result differs from the cell's config now."""
+    recorded = load_result(cell_folder(cell, out) / RESULT_FILE).record["config"]
+    current = dump_config(cell.config)
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
 
 def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -161,9 +178,8 @@ def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.
         _save(ckpt_path, {"config": config_record, "epoch": epoch, "model": model.state_dict(),
                           "recipe": recipe.state_dict(), "log": log, "train_s": train_s})
         write_csv(folder / "train_log.csv", row.keys(), [[r[k] for k in row] for r in log])
-        if opts.progress:
-            print(f"  epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} acc {row.get('acc', math.nan):.3f} "
-                  f"p {row.get('p', math.nan):.4g} lr {row.get('lr', math.nan):.2e} ({wall:.1f}s)", file=sys.stderr)
+        print(f"  epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} acc {row.get('acc', math.nan):.3f} "
+              f"p {row.get('p', math.nan):.4g} lr {row.get('lr', math.nan):.2e} ({wall:.1f}s)", file=sys.stderr)
     return model, train_s, log
 
 
@@ -203,7 +219,7 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
     started = datetime.now(timezone.utc)
     config_record = {
         "cell": {"suite": cell.suite, "dataset": cell.dataset, "eps": format_eps(cell.eps), "method": cell.method,
-                 "scale": cell.scale.name, "seed": cell.seed},
+                 "variant": cell.variant, "scale": cell.scale.name, "seed": cell.seed},
         "config": dump_config(cell.config),
         "scale_config": cell.scale.as_dict(),
     }
@@ -231,6 +247,7 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
         "index_range": list(cell.scale.test_range),
         "certifier": ev.certifier,
         "eps": {"test": format_eps(cell.eps), "train": str(cell.config.get("eps_train", format_eps(cell.eps)))},
+        "assumed": dict(cell.assumed),
         "attack": AttackPlan.of(cell.scale).record(),
         "provenance": _provenance(opts, started, timings),
         "files": {"verdicts": "verdicts.csv", "train_log": "train_log.csv", "model": MODEL, "config": "config.json"},
@@ -278,17 +295,25 @@ def extra_certifier_state(cell: Cell, out: Path, certifier: str) -> str:
     return "done"
 
 
+MAX_SEEDS = 1000
+"""More seeds than this in one command is a typo (``0-100000000``), not a study."""
+
+
 def parse_seeds(text: str) -> list[int]:
-    """"0", "0-7" or "0,2,5" -> sorted unique seeds."""
+    """"0", "0-7" or "0,2,5" -> sorted unique non-negative seeds, at most ``MAX_SEEDS`` of them."""
+    usage = f"--seeds expects N, A-B or a comma list of them (non-negative, A ≤ B), got {text!r}"
     seeds: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.partition("-")
-            seeds.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError:
-        raise BenchError(f"--seeds expects N, A-B or a comma list, got {text!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise BenchError("seeds must be non-negative")
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise BenchError(usage)
+        lo = int(match[1])
+        hi = int(match[2]) if match[2] is not None else lo
+        if hi < lo:
+            raise BenchError(f"--seeds range {part.strip()} is empty: write A-B with A ≤ B")
+        if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+            raise BenchError(f"--seeds {text} asks for more than {MAX_SEEDS} seeds")
+        seeds.update(range(lo, hi + 1))
     return sorted(seeds)
 
 
@@ -300,13 +325,18 @@ def select_cells(args: argparse.Namespace) -> tuple[Suite, list[Cell]]:
         if unknown:
             print(f"note: ε {', '.join(unknown)} is not one of the suite's published values; "
                   "method configs use their base (untuned) values there", file=sys.stderr)
-    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    if args.seed < 0:
+        raise BenchError(f"--seed must be non-negative, got {args.seed}")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
     return suite, suite.cells(args.scale, args.methods, eps, seeds, parse_overrides(args.set or []))
 
 
 def _check_certifier(cells: list[Cell], certifier: str | None) -> None:
     if certifier is None:
         return
+    known = sorted({c for m in registry.iter_methods() for c in m.certifiers})
+    if certifier not in known:
+        raise BenchError(f"unknown certifier {certifier!r}; known: {', '.join(known)}")
     unable = sorted({c.method for c in cells if certifier not in registry.get(c.method).certifiers})
     if unable:
         verifiers = "; ".join(f"{m}: {', '.join(registry.get(m).certifiers)}" for m in unable)
@@ -334,69 +364,156 @@ def run_command(args: argparse.Namespace) -> int:
     _check_certifier(cells, args.certifier)
     out = Path(args.out)
     states = {cell: cell_state(cell, out) for cell in cells}
-    device = resolve_device(args.device)
     if args.dry_run:
-        return _dry_run(cells, states, out, device, args.estimate)
+        return _dry_run(cells, states, out, resolve_device(args.device), args.estimate)
+    # Jobs pick their device where they run: a login node without a GPU must not refuse --device cuda.
+    device = resolve_device(args.device) if args.executor == "local" else None
     ensure_writable(out)
-    todo = [c for c in cells if states[c] != "done"]
-    print(f"suite {suite.name} ({args.scale}): {len(cells)} cells, {len(cells) - len(todo)} done, "
-          f"{len(todo)} to run on {device_name(device)}", file=sys.stderr)
-    for cell in todo:
-        if states[cell] == "corrupt":
-            print(f"  {cell.label}: unreadable result file, re-running the cell", file=sys.stderr)
-        if states[cell] == "stale":
-            print(f"  {cell.label}: finished under a different config, re-running the cell", file=sys.stderr)
+    kept = [c for c in cells if states[c] == "stale" and not args.replace_stale]
+    todo = [c for c in cells if states[c] not in ("done", "running") and c not in kept]
+    where = device_name(device) if device is not None else f"{args.executor} jobs"
+    print(f"suite {suite.name} ({args.scale}): {len(cells)} cells, {sum(s == 'done' for s in states.values())} "
+          f"done, {len(todo)} to run on {where} -> {out}", file=sys.stderr)
+    for cell in cells:
+        if states[cell] == "running":
+            print(f"  {cell.label}: skipped, another run holds it ({_holder_text(cell, out)})", file=sys.stderr)
+    for cell in kept:
+        print(f"  {cell.label}: {_kept_text(cell, out)}", file=sys.stderr)
+    if device is None:
+        from bench.executors import submit_cells
+
+        return submit_cells(args, suite, todo, out)
     if todo or any(_needs_recertify(c, out, args.certifier) for c in cells if states[c] == "done"):
         root = datamod.data_dir(args.data_dir)
-        splits = {flag: datamod.load_split(suite.dataset, flag, root) for flag in (True, False)}
+        splits = _load_splits(suite.dataset, root)
         opts = RunOptions(out, root, device, not args.no_progress, versions())
         for i, cell in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {cell.label}", file=sys.stderr)
-            print(_summary(run_cell(cell, opts, splits)), file=sys.stderr)
+            _locked(cell, out, lambda c=cell: _train_if_pending(c, opts, splits, args.replace_stale))
         for cell in cells:
-            if _needs_recertify(cell, out, args.certifier):
+            if result_state(cell, out) == "done" and _needs_recertify(cell, out, args.certifier):
                 print(f"{cell.label}: certifying with {args.certifier}", file=sys.stderr)
-                print(_summary(certify_cell(cell, opts, splits[False], args.certifier)), file=sys.stderr)
-    _print_table(out, args.scale, suite.name)
+                _locked(cell, out, lambda c=cell: print(_summary(certify_cell(c, opts, splits[False], args.certifier)),
+                                                        file=sys.stderr))
+    print_table(out, args.scale, suite.name)
     return 0
+
+
+def run_one_cell(cell: Cell, out: Path, data_dir: Path, device: str, replace_stale: bool) -> str:
+    """One cell as an executor's job runs it: the loop's own code for that cell (lock, state check, train,
+    evaluate, record); returns the cell's state afterwards."""
+    print(cell.label, file=sys.stderr)
+    splits = _load_splits(cell.dataset, data_dir)
+    opts = RunOptions(out, data_dir, resolve_device(device), False, versions())
+    _locked(cell, out, lambda: _train_if_pending(cell, opts, splits, replace_stale))
+    return cell_state(cell, out)
+
+
+def _load_splits(dataset: str, root: Path) -> dict[bool, datamod.Split]:
+    return {flag: datamod.load_split(dataset, flag, root) for flag in (True, False)}
+
+
+def _locked(cell: Cell, out: Path, work: Callable[[], None]) -> None:
+    """Run ``work`` holding the cell's lock; a cell another live process holds is skipped with a message."""
+    try:
+        with CellLock(cell_folder(cell, out)) as lock:
+            if lock.stale is not None:
+                print(f"  note: the run that held this cell ({lock.stale.describe()}) is gone; taking it over",
+                      file=sys.stderr)
+            work()
+    except CellBusy as busy:
+        print(f"  skipped: another run holds this cell ({busy})", file=sys.stderr)
+
+
+def _train_if_pending(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split], replace_stale: bool) -> None:
+    """Under the cell's lock: its state again (another run may have finished it meanwhile), then train."""
+    state = result_state(cell, opts.out)
+    if state == "done":
+        print("  finished by another run meanwhile", file=sys.stderr)
+        return
+    if state == "stale" and not replace_stale:
+        print(f"  {_kept_text(cell, opts.out)}", file=sys.stderr)
+        return
+    if state == "corrupt":
+        print("  its result file is unreadable: re-running the cell", file=sys.stderr)
+    print(_summary(run_cell(cell, opts, splits)), file=sys.stderr)
+
+
+def _kept_text(cell: Cell, out: Path) -> str:
+    return (f"kept: finished under a different config ({', '.join(changed_keys(cell, out))} differ); "
+            "pass --replace-stale to retrain it and replace that result")
+
+
+def _holder_text(cell: Cell, out: Path) -> str:
+    who = lock_holder(cell_folder(cell, out))
+    return who.describe() if who else "released just now"
 
 
 def _dry_run(cells: list[Cell], states: dict[Cell, str], out: Path, device: torch.device, estimate: bool) -> int:
     from bench.estimate import estimate_seconds
 
     total = 0.0
+    pending = [c for c in cells if states[c] not in ("done", "running")]
+    if estimate and pending:
+        print(f"estimating {len(pending)} pending cells: a few timed training steps and one evaluation batch each",
+              file=sys.stderr, flush=True)
     for cell in cells:
-        line = f"{states[cell]:8s} {cell.label}"
-        if estimate and states[cell] != "done":
+        state = states[cell]
+        line = f"{state:8s} {cell.label}"
+        if state == "running":
+            line += f"  ({_holder_text(cell, out)})"
+        if state == "partial":
+            line += f"  ({epochs_done(cell_folder(cell, out))} epochs done)"
+        if estimate and cell in pending:
             n_train = cell.scale.train_examples or datamod.dataset_info(cell.dataset).train_size
-            seconds = estimate_seconds(cell, device, n_train)
+            seconds = estimate_seconds(cell, device, n_train, epochs_done(cell_folder(cell, out)))
             total += seconds
             line += f"  ~{seconds / 60:.1f} min"
-        print(f"{line}  -> {cell_folder(cell, out)}")
+        print(f"{line}  -> {cell_folder(cell, out)}", flush=True)
     if estimate:
         print(f"estimated time for the pending cells on {device_name(device)}: ~{total / 60:.0f} min "
-              "(measured seconds per step × steps, plus evaluation)")
+              f"(measured seconds per step × remaining steps, plus evaluation; {ESTIMATE_ACCURACY})")
     return 0
 
 
-def _print_table(out: Path, scale: str, suite: str) -> None:
+def epochs_done(folder: Path) -> int:
+    """Epochs a partial cell has finished: the rows of its log (written after each epoch's checkpoint)."""
+    try:
+        return len(read_csv(folder / "train_log.csv"))
+    except (OSError, UnicodeDecodeError):
+        return 0
+
+
+def print_table(out: Path, scale: str, suite: str) -> None:
     from bench.report import suite_table_markdown
 
-    print(suite_table_markdown(out, scale, suite))
+    try:
+        print(suite_table_markdown(out, scale, suite))
+    except NoResults as exc:  # every cell was skipped (held by another run, or kept as stale)
+        print(f"note: {exc}", file=sys.stderr)
 
 
-def register_verb(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="train, attack and certify the cells of a suite (resumes finished work)")
-    p.add_argument("--suite", required=True, help="suite name (see `python -m bench list`)")
+def add_cell_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose cells (``select_cells``), shared by ``run`` and ``status``."""
+    p.add_argument("--suite", required=True, help="suite name (see `python -m bench list`) or a suite folder")
     p.add_argument("--scale", default="small", help="paper | small | smoke (default: small)")
     p.add_argument("--methods", nargs="+", help="subset of the suite's methods")
     p.add_argument("--eps", nargs="+", help="subset of ε values, e.g. 8/255 0.3")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--data-dir", help="dataset folder (default: $BENCH_DATA_DIR or ~/.cache/certbench/data)")
-    p.add_argument("--out", default="results", help="results root (default: results)")
     p.add_argument("--seed", type=int, default=0, help="seed of every cell (default 0)")
     p.add_argument("--seeds", help="several seeds: N, A-B or a comma list (overrides --seed)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method config value")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a method config value (a TOML literal); the cell becomes a variant of its own, "
+                        "<method>+KEY=VALUE, and never replaces the suite recipe's result")
+
+
+def register_verb(sub: argparse._SubParsersAction) -> None:
+    from bench import executors
+
+    p = sub.add_parser("run", help="train, attack and certify the cells of a suite (resumes finished work)")
+    add_cell_arguments(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--data-dir", help="dataset folder (default: $BENCH_DATA_DIR or ~/.cache/certbench/data)")
+    add_out_argument(p, "where the cells' folders are written and resumed from")
     p.add_argument("--certifier", help="also certify every cell's model with this verifier (ibp, crown-ibp, crown, "
                                        "linf-interval; default: only the method's own); written beside the cell "
                                        "as result-<certifier>.json")
@@ -405,6 +522,12 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
                         "(default: the scale's setting); applies to cells that run now")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--estimate", action="store_true",
-                   help="with --dry-run: time a few training steps per pending cell to estimate its cost")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                   help="with --dry-run: time a few training steps per pending cell to estimate its remaining cost "
+                        f"({ESTIMATE_ACCURACY})")
+    p.add_argument("--replace-stale", action="store_true",
+                   help="retrain cells finished under a different config and replace their results (default: keep "
+                        "them and say which keys differ)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the one-line summary of each epoch is still printed)")
+    executors.add_arguments(p)
     p.set_defaults(func=run_command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def test_corrupt_files_never_lose_finished_results(tmp_path: Path, data_dir: Pat
     base = ["run", "--suite", "mnist", *SMOKE, "--methods", "linf-dist", "--data-dir", str(data_dir),
             "--out", str(out)]
     assert main([*base, "--eps", "0.1"]) == 0
+    assert re.search(r"  epoch (\d+)/\1: loss", capsys.readouterr().err), "--no-progress hides bars, not epoch lines"
     done = out / "smoke" / "mnist" / "mnist" / "eps_1-10" / "linf-dist" / "seed0"
     finished = done / "result.json"
     snapshot = finished.read_bytes()
@@ -91,5 +93,5 @@ def test_corrupt_files_never_lose_finished_results(tmp_path: Path, data_dir: Pat
     # A corrupt result file is reported and its cell re-run, never shown as a number.
     finished.write_text("{ not json")
     assert main([*base, "--eps", "0.1"]) == 0
-    assert "unreadable result file" in capsys.readouterr().err
+    assert "its result file is unreadable: re-running the cell" in capsys.readouterr().err
     assert bench.store.load_result(finished).record["status"] == "complete"

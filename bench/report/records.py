@@ -6,19 +6,28 @@ one-line problem, so that a corrupt or partial cell is reported and never shown 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from bench.config import Suite, assumptions, load_suite
 from bench.errors import BenchError
-from bench.store import RESULT_FILE, LoadedResult, eps_slug, iter_results, parse_eps, read_csv, result_file
+from bench.store import (
+    RESULT_FILE,
+    LoadedResult,
+    dump_config,
+    eps_slug,
+    iter_results,
+    parse_eps,
+    read_csv,
+    result_file,
+)
 
 TRAIN_LOG = "train_log.csv"
-DEFAULT_RESULTS = Path("results")
-"""The results root the CLI verbs read by default (``bench run --out`` writes there by default)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class Run:
     dataset: str
     eps: Fraction
     method: str
+    tag: str
+    """The ``--set`` variant (``width=512``) of the method's recipe, ``""`` for the suite's own recipe."""
     seed: int
     clean: float
     pgd: float
@@ -47,6 +58,8 @@ class Run:
     variant: str = ""
     """"" for the cell's own record (``result.json``); ``@<certifier>`` for the same model under another
     verifier (``result-<certifier>.json``), which is a row of its own."""
+    assumed: Mapping[str, str] = field(default_factory=dict)
+    """Config keys whose value is our assumption (not a published one) -> the reason (``_assumed``)."""
     apgd: float | None = None
     """Accuracy under PGD and the APGD ensemble together; ``None`` where the ensemble did not run (results
     written before it existed, or with ``--attack pgd``)."""
@@ -123,11 +136,14 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
     rec: dict[str, Any] = loaded.record
     cell, metrics, prov = rec["cell"], rec["metrics"], rec["provenance"]
     eps = parse_eps(cell["eps"])
-    cell_key = "/".join([cell["scale"], cell["suite"], cell["dataset"], eps_slug(eps), cell["method"],
+    tag = str(cell.get("variant", ""))
+    method_folder = f"{cell['method']}+{tag}" if tag else cell["method"]
+    cell_key = "/".join([cell["scale"], cell["suite"], cell["dataset"], eps_slug(eps), method_folder,
                          f"seed{int(cell['seed'])}"])
     where = loaded.folder.relative_to(root).as_posix()
     if where != cell_key:
         raise ValueError(f"its cell fields say {cell_key} but it lies in {where}")
+    _check_verdicts(loaded)
     certifier = str(rec["certifier"])
     variant = "" if loaded.path.name == RESULT_FILE else f"@{certifier}"
     if variant and loaded.path.name != result_file(certifier):
@@ -140,6 +156,7 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
         dataset=cell["dataset"],
         eps=eps,
         method=cell["method"],
+        tag=tag,
         seed=int(cell["seed"]),
         clean=float(metrics["clean"]),
         pgd=float(metrics["pgd"]),
@@ -152,8 +169,55 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
         attack=_attack_text(attack),
         folder=loaded.folder,
         variant=variant,
+        assumed=_assumed(rec, eps),
         apgd=None if "apgd" not in metrics else float(metrics["apgd"]),
     )
+
+
+def _assumed(rec: Mapping[str, Any], eps: Fraction) -> dict[str, str]:
+    """The record's own ``assumed`` table; records written before the markers existed get the markers of
+    the current suite file for their cell, limited to the keys whose recorded value is still the marked
+    one (a value since changed is not what the marker speaks about)."""
+    if "assumed" in rec:
+        return {str(k): str(v) for k, v in rec["assumed"].items()}
+    cell = rec["cell"]
+    suite = _suite(str(cell["suite"]))
+    if suite is None or cell["method"] not in suite.method_files:
+        return {}
+    method, scale = str(cell["method"]), str(cell["scale"])
+    marks = assumptions(suite.method_files[method], scale, eps, {}, suite.folder / f"{method}.toml")
+    current = dump_config(suite.method_config(method, scale, eps, {}))
+    recorded = rec.get("config", {})
+    return {k: why for k, why in marks.items() if recorded.get(k) == current.get(k)}
+
+
+@functools.cache
+def _suite(name: str) -> Suite | None:
+    try:
+        return load_suite(name)
+    except BenchError:
+        return None
+
+
+def _check_verdicts(loaded: LoadedResult) -> None:
+    """The per-sample verdict file behind the record holds exactly its test points and counts."""
+    rec = loaded.record
+    name = rec.get("files", {}).get("verdicts", "verdicts.csv")
+    try:
+        rows = read_csv(loaded.folder / name)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"its verdict file {name} is unreadable ({exc.__class__.__name__})") from None
+    start, stop = rec["index_range"]
+    try:
+        indices = [int(r["index"]) for r in rows]
+        counts = {k: sum(int(r[k]) for r in rows) for k in ("clean", "pgd", "certified")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"its verdict file {name} is corrupt ({exc.__class__.__name__})") from None
+    if indices != list(range(start, stop)):
+        raise ValueError(f"its verdict file {name} does not hold test points [{start}, {stop}) in order")
+    recorded = {k: rec["counts"][k] for k in counts}
+    if counts != recorded:
+        raise ValueError(f"its verdict file {name} counts {counts}, the record says {recorded}")
 
 
 def _attack_text(attack: Mapping[str, Any]) -> str:

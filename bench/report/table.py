@@ -26,6 +26,8 @@ METRICS = ("clean", "pgd", "apgd", "certified")
 COLUMNS = ("Dataset", "ε", "Method", "Reference", "Clean", "PGD", "APGD", "Certified", "Δ Cert.", "Certifier", "n",
            "Wall")
 NUMERIC_COLUMNS = ("Clean", "PGD", "APGD", "Certified", "Δ Cert.", "n", "Wall")
+ASSUMED_MARK = "§"
+"""The footnote (``results/reference/notes.csv``) of our rows whose config holds a value we assumed."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow],
     """The table of the runs' (dataset, ε) groups, sorted by dataset id and ε."""
     cells: dict[tuple[str, Fraction, str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        cells[(run.dataset, run.eps, run.method, run.variant)].append(run)
+        cells[(run.dataset, run.eps, run.method, run.tag + run.variant)].append(run)
     reproduced = {name: card_rows(card, reference) for name, card in cards.items()}
 
     rows: list[TableRow] = []
@@ -84,7 +86,9 @@ def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow],
         for method, _, group in ours:
             target = next((i for i, r in enumerate(published) if r in reproduced.get(method, [])), None)
             label = cards[method].reference_label if method in cards else method
-            placed[target].append(_our_row(label, method, group, None if target is None else published[target]))
+            # A --set variant sits under the row of the recipe it varies, but its Δ to that row means nothing.
+            paper = None if target is None or group[0].tag else published[target]
+            placed[target].append(_our_row(label, method, group, paper))
         for i, paper in enumerate(published):
             rows.append(_paper_row(paper))
             rows.extend(placed[i])
@@ -108,11 +112,15 @@ def _our_row(label: str, method: str, runs: list[Run], paper: ReferenceRow | Non
     if paper is not None and paper.certified is not None:
         delta = stats["certified"].median - paper.certified
     who = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds"
+    assumed = {k: why for r in runs for k, why in r.assumed.items()}
+    notes = "; ".join([ASSUMED_MARK, *(f"assumed {k}: {why}" for k, why in sorted(assumed.items()))]
+                      ) if assumed else ""
     if runs[0].variant:
         who += f", re-certified with {runs[0].certifier}"
     return TableRow(
-        ours=True, dataset=runs[0].dataset, eps=runs[0].eps, method=label, reference=f"ours ({method}, {who})",
-        notes="", clean=stats["clean"], pgd=stats["pgd"], apgd=_stat([r.apgd for r in runs]),
+        ours=True, dataset=runs[0].dataset, eps=runs[0].eps, method=label,
+        reference=f"ours ({method}{'+' + runs[0].tag if runs[0].tag else ''}, {who})",
+        notes=notes, clean=stats["clean"], pgd=stats["pgd"], apgd=_stat([r.apgd for r in runs]),
         certified=stats["certified"], delta=delta,
         method_id=method, seeds=seeds, certifier=_joined(r.certifier for r in runs),
         n_examples=_joined(str(r.n_examples) for r in runs),
