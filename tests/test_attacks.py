@@ -199,6 +199,7 @@ def test_losses() -> None:
 @pytest.fixture(scope="module")
 def mnist_mlp(data_dir: Path, one_thread: None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A plainly trained MLP (no defence): attacks break some but not all test points at ε = 0.05."""
+    pytest.importorskip("torchattacks")  # its only user; not a dependency (it pins requests~=2.25.1)
     from bench.data import load_split, to_pixels
 
     train, test = load_split("mnist", True, data_dir), load_split("mnist", False, data_dir)
@@ -220,7 +221,8 @@ def mnist_mlp(data_dir: Path, one_thread: None) -> tuple[nn.Module, torch.Tensor
 
 def test_apgd_is_at_least_as_strong_as_torchattacks(mnist_mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]
                                                     ) -> None:
-    torchattacks = pytest.importorskip("torchattacks")
+    import torchattacks
+
     model, x, y = mnist_mlp
     eps = 0.05
     gen = torch.Generator().manual_seed(0)
@@ -233,7 +235,8 @@ def test_apgd_is_at_least_as_strong_as_torchattacks(mnist_mlp: tuple[nn.Module, 
                               .argmax(1) == y)
     n = len(y)
     assert 0.1 * n < theirs_ce.sum() < 0.9 * n, "the model should be neither trivially robust nor broken"
-    # Ours counts every iterate, theirs the best final one: ours may break more, never clearly fewer. The
-    # allowance of 2 % of the points is the run-to-run spread of random starts measured on this model.
-    assert ours_ce.sum() <= theirs_ce.sum() + 0.02 * n
-    assert ours.sum() <= theirs.sum() + 0.02 * n
+    # Ours counts every iterate, theirs the best final one: ours may break more, never fewer but for the
+    # luck of a random start (one point). Measured with seeds 0-2: 122 of 180 robust to APGD-CE and 119 to
+    # the pair, for both implementations and every seed.
+    assert ours_ce.sum() <= theirs_ce.sum() + 1
+    assert ours.sum() <= theirs.sum() + 1
