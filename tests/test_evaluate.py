@@ -130,3 +130,19 @@ def test_the_guard_attacks_certified_points_with_a_margin_loss(setup, monkeypatc
     with pytest.raises(UnsoundCertificate, match="margin-loss PGD"):
         evaluate(everything, model, split, (0, 60), EPS, AttackPlan(5, 1), 60, torch.device("cpu"), 0,
                  progress=False)
+
+
+def test_scales_choose_their_attack() -> None:
+    from pathlib import Path
+
+    from bench.config import _scale, load_suite
+    from bench.errors import BenchError
+
+    scales = load_suite("mnist").scales
+    assert AttackPlan.of(scales["paper"]).apgd_steps == 100 and AttackPlan.of(scales["smoke"]).apgd_steps == 0
+    assert AttackPlan.of(scales["smoke"].with_attack("apgd")).apgd_steps == 100
+    table = {"description": "", "train_examples": 0, "test_range": [0, 10], "pgd_steps": 1, "pgd_restarts": 1,
+             "eval_batch_size": 10}
+    assert _scale("x", table, Path("suite.toml")).attack == "pgd"  # suite files written before the key
+    with pytest.raises(BenchError, match="attack must be one of pgd, apgd"):
+        _scale("x", {**table, "attack": "fgsm"}, Path("suite.toml"))
