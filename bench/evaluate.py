@@ -158,7 +158,8 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
     from tqdm import tqdm
 
     result = Evaluation(apgd=[] if plan.apgd_steps else None)
-    gen = torch.Generator().manual_seed(seed)
+    # One random stream per attack, so that adding the guard or APGD leaves the PGD column as it was.
+    gen, apgd_gen, guard_gen = (torch.Generator().manual_seed(seed) for _ in range(3))
     start, stop = index_range
     batches = test_batches(split, start, stop, batch_size, device)
     bar = tqdm(batches, total=(stop - start + batch_size - 1) // batch_size, desc="evaluate", unit="batch",
@@ -181,7 +182,7 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
             t = time.perf_counter()
             strongest = pgd.clone()
             if pgd.any():
-                outcome = apgd_ensemble(model, x[pgd], y[pgd], eps, plan.apgd_steps, APGD_TARGETS, gen)
+                outcome = apgd_ensemble(model, x[pgd], y[pgd], eps, plan.apgd_steps, APGD_TARGETS, apgd_gen)
                 strongest[pgd] = outcome.robust
                 for i, name in zip(pgd.nonzero()[:, 0].tolist(), outcome.broken_by):
                     by_apgd[i] = name
@@ -194,7 +195,7 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
 
         _check_sound(idx, cert.certified, strongest, cert.certifier, "APGD or PGD" if plan.apgd_steps else "PGD")
         t = time.perf_counter()
-        _guard(model, idx, x, y, cert.certified, eps, plan, gen, cert.certifier)
+        _guard(model, idx, x, y, cert.certified, eps, plan, guard_gen, cert.certifier)
         _timed(result.timings_s, "guard", t)
 
         result.index += idx.tolist()
