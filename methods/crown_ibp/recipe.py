@@ -4,6 +4,7 @@ regularisers while enabled."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -21,11 +22,20 @@ BETA_SKIP = 1e-5
 
 
 class BoundTrainingRecipe(Recipe):
+    """With ``batch_multiplier`` m > 1 it does what CROWN-IBP's ``train.py`` does, not what the option's name
+    suggests: the gradient is zeroed before every m-th loader batch (i % m == 0) and the optimizer steps
+    after it and after the epoch's last batch, so each step uses one batch and the gradients of the other
+    m − 1 are computed and then discarded, except that the last step of an epoch sums the gradients of
+    the batches since the previous zeroing. ε advances once per m batches, on ⌈batches / m⌉ steps an epoch.
+    """
+
     def __init__(self, model: nn.Module, cfg: TrainConfig, eps_train: float, batches_per_epoch: int):
         self.model = model
         self.cfg = cfg
         self.epochs = cfg.epochs
-        self.eps = EpsSchedule(eps_train, cfg.schedule, cfg.ramp_start, cfg.ramp_epochs, batches_per_epoch)
+        self.batches_per_epoch = batches_per_epoch
+        self.eps = EpsSchedule(eps_train, cfg.schedule, cfg.ramp_start, cfg.ramp_epochs,
+                               math.ceil(batches_per_epoch / cfg.batch_multiplier))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int) -> dict[str, float]:
@@ -34,7 +44,7 @@ class BoundTrainingRecipe(Recipe):
         lr = step_lr(cfg.lr, cfg.lr_decay, cfg.lr_milestones, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        eps = self.eps(epoch, batch)
+        eps = self.eps(epoch, batch // cfg.batch_multiplier)
         kappa = mixing(cfg.kappa_start, cfg.kappa_end, eps, self.eps.eps_max)
         beta = mixing(cfg.beta_start, cfg.beta_end, eps, self.eps.eps_max)
         regularise = cfg.reg_lambda > 0 and not self.eps.ramp_done(epoch)
@@ -63,11 +73,14 @@ class BoundTrainingRecipe(Recipe):
                 loss = loss + cfg.reg_lambda * (1 - eps / self.eps.eps_max) * reg
                 stats["reg"] = reg.item()
 
-        self.optimizer.zero_grad(set_to_none=True)
+        first_of_group = batch % cfg.batch_multiplier == 0
+        if first_of_group:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        if first_of_group or batch == self.batches_per_epoch - 1:
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
         if lower is None:
             lower = torch.einsum("bsk,bk->bs", margin_spec(y, logits.shape[1], logits.dtype), logits.detach())
         stats["train_certified"] = certified(lower).float().mean().item()

@@ -39,7 +39,10 @@ def hybrid_loss(z: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, eps: flo
 def hinge_loss(z: torch.Tensor, y: torch.Tensor, eps: float, mix: float) -> torch.Tensor:
     """The 2021 objective in v2 form: (1 − mix)·mean max_j relu(M̃_j) + mix·mean mean_j relu(M̃_j), the
     average running over all K columns including the zero target one. v2's mix = 0.25 equals v1's 0.75
-    (the name's meaning is reversed between the codes, spec §4.8)."""
+    (the name's meaning is reversed between the codes, spec §4.8). v1 (``main.py``, ``hinge``) takes the
+    hinge of the margins before the division by 2ε, i.e. 2ε times this loss: with ε_train constant, as in
+    v1's hinge scripts, that scales every gradient alike, which Adam's step ignores (up to its ε = 1e-10)
+    and v1's decoupled weight decay never sees."""
     h = normalised_worst_margins(z, y, eps).clamp_min(0.0)
     return (1.0 - mix) * h.amax(dim=1).mean() + mix * h.mean()
 

@@ -2,10 +2,7 @@
 and ``linf-dist-mlp`` (ℓ∞-dist + MLP head). They share the net, the schedules and the certifier; they
 differ in loss, head and hyper-parameters (all from the suite files).
 
-Config keys (all recipes): ``depth, width, identity_val, batch_size, lr, betas, adam_eps, epochs,
-p_start_epoch, p_stop_epoch, p_begin, p_end, eps_start_epoch, eps_end_epoch, eps_train``; plus
-``learnable_scale, scalar_lr, lam0, lam_end`` (hybrid loss), ``hinge_mix`` (hinge), ``hidden,
-clean_ce_mix`` (MLP head). ``eps_train`` is in pixels (a fraction string such as "24/255").
+Config keys: the typed schemas in ``methods/linf_dist/config.py`` (one per recipe).
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from methods.base import (
     Recipe,
     register,
 )
+from methods.linf_dist.config import HingeConfig, HybridConfig, LinfDistConfig, MLPConfig
 from methods.bounds.margins import certified, input_box
 from methods.bounds.rounding import rounding_errors
 from methods.linf_dist.layers import dist_layers, set_p
@@ -46,14 +44,14 @@ from methods.linf_dist.models import (
     linf_dist_net,
     propagate_interval,
 )
+from methods.linf_dist.optim import DecoupledDecay
 from methods.linf_dist.schedule import Schedule
+from methods.schema import parse_config
 
 CERTIFIER = "linf-interval"
-_COMMON_KEYS = ("depth", "width", "identity_val", "batch_size", "lr", "betas", "adam_eps", "epochs",
-                "p_start_epoch", "p_stop_epoch", "p_begin", "p_end", "eps_start_epoch", "eps_end_epoch",
-                "eps_train")
 _AUGMENT = {
-    # v2 code: edge padding 1 (MNIST), 3 + flip (CIFAR); v1's zero padding 4 is not used (spec §3).
+    # v2 code: edge padding 1 (MNIST), 3 + flip (CIFAR). A config's crop_padding / padding_mode / hflip
+    # replace these (the 2021 recipe's suite files give v1's zero padding 1 and 4 + flip).
     "mnist": Augmentation(crop_padding=1, padding_mode="edge", hflip=False),
     "cifar10": Augmentation(crop_padding=3, padding_mode="edge", hflip=True),
 }
@@ -74,7 +72,10 @@ def _fraction(cfg: Mapping[str, Any], key: str) -> Fraction:
 
 
 class LinfDistRecipe(Recipe):
-    """Adam(β, eps) with per-batch cosine lr for every group, p and λ schedules, and the method's loss."""
+    """Adam(β, eps) with per-batch cosine lr for every group, p and λ schedules, and the method's loss.
+
+    ``lr_schedule = "constant-then-cosine"`` holds the lr until the p ramp starts (v1), and
+    ``weight_decay`` > 0 adds v1's decoupled ℓp weight decay (``methods.linf_dist.optim``)."""
 
     def __init__(self, model: nn.Sequential, cfg: Mapping[str, Any], std: float, batches_per_epoch: int,
                  loss: LossFn):
@@ -92,6 +93,7 @@ class LinfDistRecipe(Recipe):
             eps_end_epoch=int(cfg["eps_end_epoch"]),
             p_begin=float(cfg["p_begin"]),
             p_end=float(cfg["p_end"]),
+            lr_start_epoch=int(cfg["p_start_epoch"]) if cfg.get("lr_schedule") == "constant-then-cosine" else 0,
         )
         scale = [p for n, p in model.named_parameters() if n.endswith("scale")]
         rest = [p for n, p in model.named_parameters() if not n.endswith("scale")]
@@ -101,6 +103,9 @@ class LinfDistRecipe(Recipe):
             groups.append({"params": scale, "lr": float(cfg["scalar_lr"]), "base_lr": float(cfg["scalar_lr"])})
         betas = tuple(float(b) for b in cfg["betas"])
         self.optimizer = torch.optim.Adam(groups, betas=betas, eps=float(cfg["adam_eps"]), weight_decay=0.0)
+        weight_decay = float(cfg.get("weight_decay", 0.0))
+        self.decay = (DecoupledDecay(model, self.optimizer, weight_decay, float(cfg["adam_eps"]))
+                      if weight_decay > 0 else None)
 
     def lam(self, epoch: int, batch: int) -> float:
         if "lam0" not in self.cfg:
@@ -119,6 +124,8 @@ class LinfDistRecipe(Recipe):
         loss, logits, violation = self.loss(self.model, x, y, eps, lam)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.decay is not None:
+            self.decay.apply()
         self.optimizer.step()
         acc = (logits.argmax(dim=1) == y).float().mean().item()
         certified = (violation < 0).float().mean().item()
@@ -168,20 +175,16 @@ def _worst_case_ce(clean_mix: float) -> LossFn:
 
 class _LinfDistBase(Method):
     certifiers: ClassVar[tuple[str, ...]] = (CERTIFIER,)
-    extra_keys: ClassVar[tuple[str, ...]] = ()
+    schema: ClassVar[type[LinfDistConfig]]
 
     def validate_config(self, cfg: Mapping[str, Any]) -> None:
-        missing = [k for k in _COMMON_KEYS + self.extra_keys if k not in cfg]
-        if missing:
-            raise MethodError(f"{self.name}: config lacks {', '.join(missing)}")
-        _fraction(cfg, "eps_train")
-        if not 0 <= int(cfg["p_start_epoch"]) <= int(cfg["p_stop_epoch"]) <= int(cfg["epochs"]):
-            raise MethodError(f"{self.name}: need 0 ≤ p_start_epoch ≤ p_stop_epoch ≤ epochs")
-        if int(cfg["batch_size"]) <= 0 or int(cfg["width"]) <= 0:
-            raise MethodError(f"{self.name}: batch_size and width must be positive")
+        parse_config(self.schema, cfg, self.name).check(self.name)
 
     def augmentation(self, info: DatasetInfo, cfg: Mapping[str, Any]) -> Augmentation:
-        return _AUGMENT[info.name]
+        default = _AUGMENT[info.name]
+        return Augmentation(crop_padding=int(cfg.get("crop_padding", default.crop_padding)),
+                            padding_mode=str(cfg.get("padding_mode", default.padding_mode)),
+                            hflip=bool(cfg.get("hflip", default.hflip)))
 
     @abc.abstractmethod
     def loss(self, cfg: Mapping[str, Any]) -> LossFn: ...
@@ -244,7 +247,7 @@ class LinfDistHybridLoss(_PureNet):
         reference_label="l_inf-distance Net",
         reference_source="This paper",
     )
-    extra_keys = ("learnable_scale", "scalar_lr", "lam0", "lam_end")
+    schema = HybridConfig
 
     def loss(self, cfg: Mapping[str, Any]) -> LossFn:
         return _mixture
@@ -252,8 +255,8 @@ class LinfDistHybridLoss(_PureNet):
 
 @register("linf-dist-hinge")
 class LinfDistHinge(_PureNet):
-    """The 2021 recipe as re-run inside the v2 code (v2 README "baseline reproduction"): hinge loss with
-    θ = 2·ε_train, no ℓp weight decay, cosine lr from epoch 0, fixed temperature 1."""
+    """The 2021 recipe: hinge loss with θ = 2·ε_train and a fixed temperature 1. Its suite files give v1's
+    training (ℓp weight decay, lr held until the p ramp, v1 crops) at ``paper`` and ``small`` scale."""
 
     card = MethodCard(
         title="ℓ∞-distance net, hinge loss (2021 recipe)",
@@ -263,7 +266,7 @@ class LinfDistHinge(_PureNet):
         reference_label="l_inf-distance Net",
         reference_source="(Zhang et al. 2021)",
     )
-    extra_keys = ("hinge_mix",)
+    schema = HingeConfig
 
     def loss(self, cfg: Mapping[str, Any]) -> LossFn:
         return _hinge(float(cfg["hinge_mix"]))
@@ -282,7 +285,7 @@ class LinfDistMLP(_LinfDistBase):
         reference_label="l_inf-distance Net+MLP",
         reference_source="(Zhang et al. 2021)",
     )
-    extra_keys = ("hidden", "clean_ce_mix")
+    schema = MLPConfig
 
     def build(self, info: DatasetInfo, cfg: Mapping[str, Any]) -> nn.Module:
         return linf_dist_mlp(info, int(cfg["depth"]), int(cfg["width"]), float(cfg["identity_val"]),

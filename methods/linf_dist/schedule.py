@@ -6,7 +6,9 @@ All schedules are evaluated at every batch before the forward pass. With ``nb`` 
 Phases (v2 code, paper Table 3): p = 8 for epochs [0, p_start), exponential growth 8 → p_end over
 [p_start, p_stop), then p = ∞ from the first batch of epoch p_stop. λ decays on the same ratio from λ0
 to λ_end and **stays at λ_end** in the p = ∞ phase (the paper says 0; the code and logs say λ_end).
-The lr follows a cosine over the whole run for every parameter group (v2), not v1's constant-then-cosine.
+The lr follows a cosine from ``lr_start_epoch`` to the end of the run for every parameter group and is
+constant before it: 0 in v2 (cosine over the whole run), ``p_start_epoch`` in v1 (``main.py`` there
+holds the lr until the p ramp begins).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Schedule:
     eps_end_epoch: int = 0
     p_begin: float = 8.0
     p_end: float = 1000.0
+    lr_start_epoch: int = 0
 
     def ratio(self, epoch: int, batch: int, start: int, stop: int) -> float:
         if stop <= start:
@@ -45,7 +48,7 @@ class Schedule:
         return lam0 * math.exp(r * math.log(lam_end / lam0))
 
     def lr_factor(self, epoch: int, batch: int) -> float:
-        r = self.ratio(epoch, batch, 0, self.total_epochs)
+        r = self.ratio(epoch, batch, self.lr_start_epoch, self.total_epochs)
         return 0.5 * (1.0 + math.cos(math.pi * r))
 
     def eps_factor(self, epoch: int, batch: int) -> float:
