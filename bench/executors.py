@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. account=proj or qos=high (repeatable)")
     g.add_argument("--wait", action="store_true",
-                   help="block until every submitted job ends, then print the table (default: print the job ids "
-                        "and return)")
+                   help="block until every job this command submits ends, then print the table; exit status 1 if "
+                        "any failed (default: print the job ids and return)")
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,8 @@ def submit_cells(args: argparse.Namespace, suite: Suite, todo: list[Cell], out: 
     cells = [c for c in todo if c not in live]
     if not cells:
         print("nothing to submit", file=sys.stderr)
+        if args.wait:
+            runner.print_table(out, args.scale, suite.name)
         return 0
     data_dir = datamod.data_dir(args.data_dir).resolve()
     from submitit.core.utils import FailedJobError, FailedSubmissionError
