@@ -42,7 +42,7 @@ def test_transposed_conv_is_the_transpose_and_differentiable(case: tuple[int, ..
     cin, cout, k, stride, pad, dil, size = case
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride, pad, dil, bias=bias).to(D)
-    x = torch.randn(2, cin, size, size, dtype=D)
+    x = torch.randn(1, cin, size, size, dtype=D)
     out = conv(x)
     geometry = ConvGeometry((cin, size, size), conv.stride, conv.padding, conv.dilation, 1)
     lam = torch.randn(out.shape, dtype=D, requires_grad=True)
@@ -51,7 +51,8 @@ def test_transposed_conv_is_the_transpose_and_differentiable(case: tuple[int, ..
     assert torch.allclose((lam * out).sum(dim=(1, 2, 3)), (back * x).sum(dim=(1, 2, 3)) + offset, atol=1e-12)
     params = (conv.weight,) if conv.bias is None else (conv.weight, conv.bias)
     assert torch.autograd.gradcheck(
-        lambda lam, *p: transposed_conv2d(lam, p[0], p[1] if bias else None, geometry), (lam, *params)
+        lambda lam, *p: transposed_conv2d(lam, p[0], p[1] if bias else None, geometry), (lam, *params),
+        fast_mode=True,
     )
 
 
@@ -73,7 +74,9 @@ def test_relu_relaxation_equals_the_select_and_is_differentiable() -> None:
     upper_slope.requires_grad_(True)
     intercept.requires_grad_(True)
     lam.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda *a: relu_relaxation(a[0], lower_slope, *a[1:]), (lam, upper_slope, intercept))
+    assert torch.autograd.gradcheck(
+        lambda *a: relu_relaxation(a[0], lower_slope, *a[1:]), (lam, upper_slope, intercept), fast_mode=True
+    )
 
 
 def test_relu_relaxation_refuses_a_differentiable_lower_slope() -> None:
@@ -88,13 +91,13 @@ def test_channel_affine_transpose_and_concretize_are_differentiable() -> None:
     scale, shift = (torch.randn(3, generator=gen, dtype=D, requires_grad=True) for _ in range(2))
     back, offset = channel_affine_transpose(lam, scale, shift)
     assert torch.allclose(back, lam * scale[:, None, None]) and torch.allclose(offset, (lam.sum((2, 3)) * shift).sum(1))
-    assert torch.autograd.gradcheck(channel_affine_transpose, (lam, scale, shift))
+    assert torch.autograd.gradcheck(channel_affine_transpose, (lam, scale, shift), fast_mode=True)
     flat = torch.randn(2, 3, 5, generator=gen, dtype=D, requires_grad=True)
     centre = torch.randn(2, 5, generator=gen, dtype=D, requires_grad=True)
     radius = torch.rand(2, 5, generator=gen, dtype=D, requires_grad=True)
     expected = (flat * centre[:, None]).sum(2) - (flat.abs() * radius[:, None]).sum(2)
     assert torch.allclose(concretize(flat, centre, radius), expected, atol=1e-14)
-    assert torch.autograd.gradcheck(concretize, (flat, centre, radius))
+    assert torch.autograd.gradcheck(concretize, (flat, centre, radius), fast_mode=True)
 
 
 # --- whole CROWN-IBP bounds against a plain layer-by-layer backward pass --------------------------------
@@ -150,7 +153,7 @@ def cnn(seed: int, batchnorm: bool) -> nn.Sequential:
 def train_briefly(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
     """A few IBP-trained steps, so that many neurons are stable (the regime of a trained model)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(20):
+    for _ in range(10):
         loss = robust_ce(compute_margin_bounds(model, x, y, eps, ("ibp",)).margins["ibp"])
         optimizer.zero_grad()
         loss.backward()
