@@ -91,7 +91,9 @@ def test_unusable_result_files_are_reported_and_never_shown(reported: Path, caps
     assert len([line for line in err if line.startswith("skipped: ")]) == 2
     assert any("corrupt result file" in line for line in err)
     assert any("missing metrics" in line for line in err)
-    assert "crown-ibp" not in markdown
+    table, _, notes = markdown.partition("NOT SHOWN: 2 unusable result files: ")
+    assert "crown-ibp" not in table, "an unusable cell is never a row"
+    assert notes.count("/result.json") == 2 and "crown-ibp" in notes, "but it is named below the table"
 
 
 class _Checker(HTMLParser):
