@@ -28,7 +28,9 @@ def command(out: Path, data_dir: Path) -> list[str]:
 
 
 def folder(out: Path) -> Path:
-    return out / "smoke" / "mnist" / "mnist" / "eps_1-10" / "linf-dist" / "seed0"
+    # The --set overrides make a variant cell: a folder of its own beside the suite recipe's.
+    variant = "linf-dist+depth=3,epochs=12,p_start_epoch=2,p_stop_epoch=10,width=48"
+    return out / "smoke" / "mnist" / "mnist" / "eps_1-10" / variant / "seed0"
 
 
 def _default_sigint() -> None:

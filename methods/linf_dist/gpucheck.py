@@ -406,7 +406,7 @@ def step_smoke(ctx: Context) -> dict[str, Any]:
         for _, _, proc, _ in jobs:  # interrupted: none of them may outlive the check
             _stop(proc)
     gate = ctx.work / "smoke-baseline.json"
-    atomic_write_json(gate, {**baseline, "cells": {k: v for k, v in baseline["cells"].items() if k in expected}})
+    atomic_write_json(gate, _baseline_subset(baseline, expected))
     check_rc, check_out = _run(["-m", "bench", "check", "--baseline", str(gate), "--results", str(results)],
                                ctx, "smoke-check") if expected else (None, "no cell was run")
     finished, problems = read_runs(results)
@@ -496,6 +496,20 @@ def _project(cell: Any, timing: dict[str, Any]) -> float:
 
 
 _ESTIMATE_LINE = re.compile(r"^\S+\s+(?P<label>.+?)  ~(?P<minutes>[0-9.]+) min  -> ")
+
+
+def _baseline_subset(baseline: dict[str, Any], keep: set[str] | list[str]) -> dict[str, Any]:
+    """The baseline restricted to the cells this check ran: each method's pool keeps its cells among them,
+    its means taken over those cells' baseline values, and its tolerance (a mean of fewer cells spreads
+    more, so this gate is, if anything, stricter than CI's)."""
+    cells = {k: v for k, v in baseline["cells"].items() if k in keep}
+    pools = {}
+    for key, pool in baseline["pools"].items():
+        mine = [c for c in pool["cells"] if c in cells]
+        if mine:
+            means = {m: round(sum(cells[c][m] for c in mine) / len(mine), 6) for m in ("certified", "clean")}
+            pools[key] = {**pool, "cells": mine, **means}
+    return {**baseline, "cells": cells, "pools": pools}
 
 
 def _compare_estimates(ctx: Context, scale: str, cells: list[dict[str, Any]]) -> dict[str, Any]:
