@@ -390,3 +390,12 @@ def test_estimate_leaves_out_finished_epochs() -> None:
     nearly_done = estimate_seconds(cell, torch.device("cpu"), 256, epochs - 1)
     finished = estimate_seconds(cell, torch.device("cpu"), 256, epochs)
     assert finished < nearly_done < fresh
+
+
+def test_a_closed_pipe_is_no_traceback() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "list"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout is not None and proc.stdout.readline()
+    proc.stdout.close()  # `bench list | head -1`
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err.decode()
