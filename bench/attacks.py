@@ -77,15 +77,49 @@ def _loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Los
     return logits.argmax(dim=1) == y, values.detach(), grad
 
 
-def _rand(shape: torch.Size, generator: torch.Generator | None, device: torch.device, normal: bool) -> torch.Tensor:
-    # Draw on the generator's device (CPU by default) so a seed gives the same start on any device.
+class PointStreams:
+    """One random stream per test point, seeded by (seed, purpose, test index): a point's random starts do not
+    depend on which other points share its batch, so a test range evaluated in slices (several ranks, or
+    ``--eval-shards``) gets exactly the verdicts of one pass. Indexing selects the streams of a subset."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    @classmethod
+    def of(cls, seed: int, purpose: int, index: torch.Tensor) -> PointStreams:
+        return cls([torch.Generator().manual_seed(((seed * 1_000_003 + i) * 8 + purpose) % 2**63)
+                    for i in index.tolist()])
+
+    def __getitem__(self, select: torch.Tensor) -> PointStreams:
+        rows = select.nonzero()[:, 0] if select.dtype == torch.bool else select
+        return PointStreams([self.generators[i] for i in rows.tolist()])
+
+    def draw(self, shape: torch.Size, normal: bool) -> torch.Tensor:
+        if len(self.generators) != shape[0]:
+            raise ValueError(f"{len(self.generators)} streams for a batch of {shape[0]}")
+        fn = torch.randn if normal else torch.rand
+        return torch.stack([fn(shape[1:], generator=g) for g in self.generators]) if self.generators \
+            else torch.empty(shape)
+
+
+Rng = torch.Generator | PointStreams | None
+
+
+def _rand(shape: torch.Size, generator: Rng, device: torch.device, normal: bool) -> torch.Tensor:
+    # Draw on the CPU so that a seed gives the same start on any device.
+    if isinstance(generator, PointStreams):
+        return generator.draw(shape, normal).to(device)
     where = "cpu" if generator is None else generator.device
     draw = torch.randn if normal else torch.rand
     return draw(shape, generator=generator, device=where).to(device)
 
 
+def _subset(generator: Rng, select: torch.Tensor) -> Rng:
+    return generator[select] if isinstance(generator, PointStreams) else generator
+
+
 def pgd_robust(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-               restarts: int = 1, step_size: float | None = None, generator: torch.Generator | None = None,
+               restarts: int = 1, step_size: float | None = None, generator: Rng = None,
                loss: str = "cross-entropy") -> torch.Tensor:
     """(B,) bool: still correctly classified at every iterate of every restart of untargeted PGD.
 
@@ -119,7 +153,7 @@ def _apgd_checkpoints(steps: int) -> list[int]:
 
 
 def apgd_robust(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, steps: int, loss: Loss,
-                generator: torch.Generator | None = None, rho: float = 0.75) -> torch.Tensor:
+                generator: Rng = None, rho: float = 0.75) -> torch.Tensor:
     """(B,) bool: correctly classified at every iterate of one run of ℓ∞ APGD (Croce & Hein 2020).
 
     Step size 2ε halved per sample at each checkpoint where the loss rose in at most a fraction ``rho`` of the
@@ -173,7 +207,7 @@ class EnsembleOutcome:
 
 
 def apgd_ensemble(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100,
-                  targets: int = 9, generator: torch.Generator | None = None) -> EnsembleOutcome:
+                  targets: int = 9, generator: Rng = None) -> EnsembleOutcome:
     """AutoAttack's standard gradient pair: APGD-CE, then APGD-T with the targeted DLR loss towards each of
     the ``targets`` classes the clean point ranks highest after its label, each on the points still robust.
 
@@ -190,7 +224,7 @@ def apgd_ensemble(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: floa
         if alive.numel() == 0:
             break
         survived = apgd_robust(model, x0[alive], y[alive], eps, steps, dlr_targeted(ranked[alive, rank]),
-                               generator)
+                               _subset(generator, alive))
         for i in alive[~survived].tolist():
             broken_by[i] = APGD_T
         robust[alive] = survived

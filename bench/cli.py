@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from bench.distributed import error_stream
 from bench.errors import BenchError
 from methods.base import MethodError
 
@@ -44,7 +45,7 @@ def run_guarded(args: argparse.Namespace, interrupted: str) -> int:
     try:
         return int(args.func(args))
     except (BenchError, MethodError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=error_stream())
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

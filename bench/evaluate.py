@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.attacks import apgd_ensemble, pgd_robust
+from bench.attacks import PointStreams, apgd_ensemble, pgd_robust
 from bench.config import ScaleConfig
 from bench.data import Split, test_batches
 from bench.errors import BenchError
@@ -28,6 +28,10 @@ VERDICT_COLUMNS = ("index", "label", "clean", "pgd", "certified", "verdict", "ap
 """``apgd`` is blank where the stronger attack did not run; ``broken_by`` names what first broke a point:
 ``clean`` (misclassified unperturbed), ``pgd``, ``apgd-ce``, ``apgd-t``, or blank. Files written before
 these two columns existed lack them and still read back."""
+
+PGD, APGD, GUARD = 0, 1, 2
+"""Purposes of the per-point random streams: one stream per attack, so that adding the guard or APGD leaves
+the PGD column as it was."""
 
 APGD_TARGETS = 9
 """AutoAttack's standard APGD-T target count (every other class of a 10-class dataset)."""
@@ -123,6 +127,30 @@ class Evaluation:
                    [r["certified"] == "1" for r in rows], certifier, apgd, broken_by)
 
 
+def merge(parts: list[Evaluation]) -> Evaluation:
+    """Evaluations of consecutive slices of one test range as the evaluation of the whole range (empty
+    slices allowed); timings are the slowest slice's, the wall time of slices run side by side."""
+    parts = [p for p in parts if p.n]
+    if not parts:
+        raise BenchError("no evaluated points to merge")
+    for a, b in zip(parts, parts[1:]):
+        if b.index[0] != a.index[-1] + 1 or a.certifier != b.certifier or (a.apgd is None) != (b.apgd is None):
+            raise BenchError(f"evaluation slices do not fit together at test index {a.index[-1]} / {b.index[0]}")
+    whole = Evaluation(certifier=parts[0].certifier, apgd=None if parts[0].apgd is None else [])
+    for p in parts:
+        whole.index += p.index
+        whole.label += p.label
+        whole.clean += p.clean
+        whole.pgd += p.pgd
+        whole.certified += p.certified
+        whole.broken_by += p.broken_by
+        if whole.apgd is not None and p.apgd is not None:
+            whole.apgd += p.apgd
+        for key, seconds in p.timings_s.items():
+            whole.timings_s[key] = max(whole.timings_s.get(key, 0.0), seconds)
+    return whole
+
+
 def _first_break(clean: bool, pgd: bool, by_apgd: str | None) -> str:
     return "clean" if not clean else "pgd" if not pgd else by_apgd or ""
 
@@ -140,14 +168,14 @@ def _check_sound(idx: torch.Tensor, certified: torch.Tensor, robust: torch.Tenso
 
 
 def _guard(model: nn.Module, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, certified: torch.Tensor,
-           eps: float, plan: AttackPlan, gen: torch.Generator, certifier: str) -> None:
+           eps: float, plan: AttackPlan, seed: int, certifier: str) -> None:
     """Margin-loss PGD on the certified points: cross-entropy saturates on confident points, the margin
     does not, so a wrong certificate on a confidently classified point is found here."""
     if not certified.any():
         return
     robust = torch.ones_like(certified)
     robust[certified] = pgd_robust(model, x[certified], y[certified], eps, plan.pgd_steps, plan.pgd_restarts,
-                                   generator=gen, loss="margin")
+                                   generator=PointStreams.of(seed, GUARD, idx)[certified], loss="margin")
     _check_sound(idx, certified, robust, certifier, "margin-loss PGD")
 
 
@@ -158,8 +186,6 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
     from tqdm import tqdm
 
     result = Evaluation(apgd=[] if plan.apgd_steps else None)
-    # One random stream per attack, so that adding the guard or APGD leaves the PGD column as it was.
-    gen, apgd_gen, guard_gen = (torch.Generator().manual_seed(seed) for _ in range(3))
     start, stop = index_range
     batches = test_batches(split, start, stop, batch_size, device)
     bar = tqdm(batches, total=(stop - start + batch_size - 1) // batch_size, desc="evaluate", unit="batch",
@@ -173,7 +199,8 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
         t = time.perf_counter()
         pgd = clean.clone()
         if clean.any():
-            pgd[clean] = pgd_robust(model, x[clean], y[clean], eps, plan.pgd_steps, plan.pgd_restarts, generator=gen)
+            pgd[clean] = pgd_robust(model, x[clean], y[clean], eps, plan.pgd_steps, plan.pgd_restarts,
+                                    generator=PointStreams.of(seed, PGD, idx)[clean])
         _timed(result.timings_s, "pgd", t)
 
         by_apgd = [""] * len(idx)
@@ -182,7 +209,8 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
             t = time.perf_counter()
             strongest = pgd.clone()
             if pgd.any():
-                outcome = apgd_ensemble(model, x[pgd], y[pgd], eps, plan.apgd_steps, APGD_TARGETS, apgd_gen)
+                outcome = apgd_ensemble(model, x[pgd], y[pgd], eps, plan.apgd_steps, APGD_TARGETS,
+                                        PointStreams.of(seed, APGD, idx)[pgd])
                 strongest[pgd] = outcome.robust
                 for i, name in zip(pgd.nonzero()[:, 0].tolist(), outcome.broken_by):
                     by_apgd[i] = name
@@ -195,7 +223,7 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
 
         _check_sound(idx, cert.certified, strongest, cert.certifier, "APGD or PGD" if plan.apgd_steps else "PGD")
         t = time.perf_counter()
-        _guard(model, idx, x, y, cert.certified, eps, plan, guard_gen, cert.certifier)
+        _guard(model, idx, x, y, cert.certified, eps, plan, seed, cert.certifier)
         _timed(result.timings_s, "guard", t)
 
         result.index += idx.tolist()
@@ -222,14 +250,13 @@ def recertify(method: Method, model: nn.Module, split: Split, previous: Evaluati
     if previous.index != list(range(start, stop)):
         raise BenchError("the finished evaluation does not cover one contiguous test range")
     strongest = torch.tensor(previous.strongest())
-    gen = torch.Generator().manual_seed(seed)
     for idx, x, y in test_batches(split, start, stop, batch_size, device):
         t = time.perf_counter()
         cert = method.certify(model, x, y, eps, certifier)
         _timed(result.timings_s, "certify", t)
         _check_sound(idx, cert.certified, strongest[idx - start], cert.certifier, "an attack")
         t = time.perf_counter()
-        _guard(model, idx, x, y, cert.certified, eps, plan, gen, cert.certifier)
+        _guard(model, idx, x, y, cert.certified, eps, plan, seed, cert.certifier)
         _timed(result.timings_s, "guard", t)
         result.certifier = cert.certifier
         result.certified += cert.certified.cpu().tolist()

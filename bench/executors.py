@@ -94,17 +94,34 @@ class JobMarker:
 class CellTask:
     """One cell as a submitit job; ``checkpoint`` (called by submitit on preemption or time-out) requeues it."""
 
-    def __init__(self, cell: Cell, out: Path, data_dir: Path, device: str, replace_stale: bool):
+    def __init__(self, cell: Cell, out: Path, data_dir: Path, device: str, replace_stale: bool,
+                 evaluate: bool = True):
         self.cell, self.out, self.data_dir, self.device, self.replace_stale = cell, out, data_dir, device, replace_stale
+        self.evaluate = evaluate
 
     def __call__(self) -> str:
-        return runner.run_one_cell(self.cell, self.out, self.data_dir, self.device, self.replace_stale)
+        return runner.run_one_cell(self.cell, self.out, self.data_dir, self.device, self.replace_stale, self.evaluate)
 
     def checkpoint(self) -> Any:
         """The same call again: the cell's epoch checkpoint is all the state a resumed task needs."""
         from submitit.helpers import DelayedSubmission
 
         print(f"{self.cell.label}: requeued by submitit; it resumes after its last finished epoch", file=sys.stderr)
+        return DelayedSubmission(self)
+
+
+class SliceTask:
+    """One slice of a trained cell's evaluation (``--eval-shards``) as a submitit job; requeued like a cell."""
+
+    def __init__(self, cell: Cell, out: Path, data_dir: Path, device: str, k: int, n: int):
+        self.cell, self.out, self.data_dir, self.device, self.k, self.n = cell, out, data_dir, device, k, n
+
+    def __call__(self) -> str:
+        return runner.run_one_slice(self.cell, self.out, self.data_dir, self.device, self.k, self.n)
+
+    def checkpoint(self) -> Any:
+        from submitit.helpers import DelayedSubmission
+
         return DelayedSubmission(self)
 
 
@@ -144,7 +161,8 @@ def make_executor(args: argparse.Namespace, out: Path) -> Any:
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_timeouts,
                                      local_max_num_timeout=args.max_timeouts)
     executor.update_parameters(
-        name="certbench", timeout_min=args.timeout_min, nodes=1, tasks_per_node=1,
+        # N GPUs: N tasks, one per GPU, that train the cell together (bench.distributed).
+        name="certbench", timeout_min=args.timeout_min, nodes=1, tasks_per_node=max(1, args.gpus_per_cell),
         gpus_per_node=args.gpus_per_cell or None, cpus_per_task=args.cpus_per_cell,
         slurm_partition=args.partition, slurm_array_parallelism=args.array_parallelism,
         slurm_additional_parameters=_parse_slurm_args(args.slurm_arg or []) or None,
@@ -201,11 +219,70 @@ def last_log_line(marker: JobMarker) -> str:
     return lines[-1] if lines else f"empty log {marker.log}"
 
 
+def _submit(executor: Any, tasks: list[Any]) -> list[Any]:
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    try:
+        with executor.batch():
+            return [executor.submit(task) for task in tasks]
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:
+        detail = [line for line in str(exc).splitlines() if line.strip()]
+        raise BenchError(f"submission failed: {detail[-1] if detail else exc.__class__.__name__}") from None
+
+
+def _submit_slices(args: argparse.Namespace, executor: Any, todo: list[Cell], out: Path, suite: str) -> int:
+    """One job per missing evaluation slice of every trained pending cell; untrained cells are named."""
+    from bench import slices
+
+    data_dir = datamod.data_dir(args.data_dir).resolve()
+    untrained = [c for c in todo if not slices.trained(runner.cell_folder(c, out), c)]
+    failed = 0
+    if untrained:
+        # Training first, one job per cell; the slices need its model.
+        jobs = _submit(executor, [CellTask(c, out.resolve(), data_dir, args.device, args.replace_stale, False)
+                                  for c in untrained])
+        for cell, job in zip(untrained, jobs):
+            print(f"{job.job_id}\t{cell.label} training")
+        if not args.wait:
+            print(f"submitted {len(jobs)} training jobs; run the same command again when they have finished to "
+                  "submit the evaluation slices (or add --wait)", file=sys.stderr)
+            return 0
+        failed += _wait(jobs)
+    wanted = [args.eval_shard] if args.eval_shard is not None else range(args.eval_shards)
+    tasks = [SliceTask(c, out.resolve(), data_dir, args.device, k, args.eval_shards) for c in todo
+             if slices.trained(runner.cell_folder(c, out), c) for k in wanted
+             if not (runner.cell_folder(c, out) / slices.part_file(k, args.eval_shards)).exists()]
+    if tasks:
+        jobs = _submit(executor, tasks)
+        for task, job in zip(tasks, jobs):
+            print(f"{job.job_id}\t{task.cell.label} slice {task.k} of {task.n}")
+        print(f"submitted {len(jobs)} evaluation slices ({args.executor}); logs in {executor.folder}", file=sys.stderr)
+        if args.wait:
+            failed += _wait(jobs)
+    if args.wait:
+        runner.print_table(out, args.scale, suite)
+    return 1 if failed else 0
+
+
+def _wait(jobs: list[Any]) -> int:
+    """Block until the jobs end; the number that failed."""
+    failed = 0
+    for job in jobs:
+        try:
+            job.results()
+        except Exception:  # the job's own error, or that it ended without a result
+            failed += 1
+            print(f"  job {job.job_id} failed; its log: {job.paths.stderr}", file=sys.stderr)
+    return failed
+
+
 def submit_cells(args: argparse.Namespace, suite: Suite, todo: list[Cell], out: Path) -> int:
     """Submit every pending cell that no live job holds yet; print the job ids; with ``--wait``, the table."""
     if args.certifier:
         raise BenchError("--certifier runs in this process: use it with --executor local once the jobs are done")
     executor = make_executor(args, out)
+    if args.eval_shards is not None:
+        return _submit_slices(args, executor, todo, out, suite.name)
     markers = {c: m for c in todo if (m := JobMarker.read(runner.cell_folder(c, out))) is not None}
     live = {c: s for c, s in job_states(markers).items() if s in ("queued", "running")}
     for cell in live:
@@ -217,15 +294,7 @@ def submit_cells(args: argparse.Namespace, suite: Suite, todo: list[Cell], out: 
             runner.print_table(out, args.scale, suite.name)
         return 0
     data_dir = datamod.data_dir(args.data_dir).resolve()
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
-    try:
-        with executor.batch():
-            jobs = [executor.submit(CellTask(c, out.resolve(), data_dir, args.device, args.replace_stale))
-                    for c in cells]
-    except (FailedJobError, FailedSubmissionError, OSError) as exc:
-        detail = [line for line in str(exc).splitlines() if line.strip()]
-        raise BenchError(f"submission failed: {detail[-1] if detail else exc.__class__.__name__}") from None
+    jobs = _submit(executor, [CellTask(c, out.resolve(), data_dir, args.device, args.replace_stale) for c in cells])
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for cell, job in zip(cells, jobs):
         JobMarker(job.job_id, args.executor, platform.node(), str(job.paths.stderr), str(executor.folder),
@@ -239,7 +308,7 @@ def submit_cells(args: argparse.Namespace, suite: Suite, todo: list[Cell], out: 
     failed = 0
     for cell, job in zip(cells, jobs):
         try:
-            job.result()
+            job.results()
         except Exception:  # submitit raises the job's own error, or that it ended without a result
             failed += 1
             marker = JobMarker.read(runner.cell_folder(cell, out))

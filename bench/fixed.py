@@ -52,7 +52,7 @@ def _cells(root: Path) -> dict[str, Any]:
         raise BenchError(f"{root}/{MANIFEST} is corrupt ({exc.__class__.__name__}: {exc})") from None
 
 
-def _load(folder: Path) -> tuple[dict[str, Any], registry.Method, torch.nn.Module]:
+def load(folder: Path) -> tuple[dict[str, Any], registry.Method, torch.nn.Module]:
     from safetensors.torch import load_file
 
     record = json.loads((folder / "config.json").read_text())
@@ -65,7 +65,7 @@ def _load(folder: Path) -> tuple[dict[str, Any], registry.Method, torch.nn.Modul
 
 def _evaluate(folder: Path, splits: dict[str, Any]) -> dict[str, list[bool]]:
     """The per-point verdicts of the fixed model in ``folder`` under the current code."""
-    cell, method, model = _load(folder)
+    cell, method, model = load(folder)
     scale = load_suite(cell["suite"]).scales[cell["scale"]]
     if cell["dataset"] not in splits:
         splits[cell["dataset"]] = load_split(cell["dataset"], False, data_dir(None))

@@ -66,8 +66,10 @@ class CellLock:
     then replaced); a clean release leaves the file empty.
     """
 
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
+    def __init__(self, folder: Path, name: str = LOCK_FILE):
+        """``name``: another lock file of the same folder, for work that may run beside the cell's own
+        (one slice of a sharded evaluation)."""
+        self.path = folder / name
         self.stale: Holder | None = None
         self._fd: int | None = None
 

@@ -24,10 +24,11 @@ from typing import Any, Callable
 import torch
 
 from bench import data as datamod
+from bench import distributed, slices
 from bench.config import ATTACKS, Cell, Suite, load_suite, parse_overrides
 from bench.errors import BenchError, NoResults
 from bench.estimate import ESTIMATE_ACCURACY
-from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate, recertify
+from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate, merge, recertify
 from bench.lock import CellBusy, CellLock
 from bench.lock import holder as lock_holder
 from bench.machine import device_name, resolve_device
@@ -143,6 +144,7 @@ def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.
 
     method = registry.get(cell.method)
     info = datamod.dataset_info(cell.dataset)
+    ranks = distributed.current()
     torch.manual_seed(cell.seed)
     model = method.build(info, cell.config).to(opts.device)
     batches = datamod.TrainBatches(train_split, int(cell.config["batch_size"]),
@@ -159,6 +161,10 @@ def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.
             recipe.load_state_dict(state["recipe"])
             log, start_epoch, train_s = list(state["log"]), int(state["epoch"]) + 1, float(state["train_s"])
             print(f"  resuming {cell.label} after epoch {start_epoch}", file=sys.stderr)
+    if distributed.agree(start_epoch) != start_epoch:
+        raise BenchError(f"rank {ranks.rank} reads another checkpoint than rank 0: the output folder must be on a "
+                         "filesystem that every rank shares")
+    distributed.broadcast_module(model)
 
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
@@ -166,7 +172,9 @@ def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.
         bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"epoch {epoch + 1}/{recipe.epochs}",
                    unit="batch", leave=False, disable=not opts.progress)
         for k, (x, y) in enumerate(bar):
-            rows.append(recipe.step(x, y, epoch, k))
+            # Every rank draws the same global batch and trains on its slice (methods.parallel).
+            lo, hi = distributed.shard(0, len(y), ranks)
+            rows.append(distributed.mean_stats(recipe.step(x[lo:hi], y[lo:hi], epoch, k), hi - lo))
             last = rows[-1]
             bar.set_postfix(loss=f"{last['loss']:.4f}", p=f"{last.get('p', math.nan):.4g}",
                             lam=f"{last.get('lam', math.nan):.2e}", lr=f"{last.get('lr', math.nan):.2e}")
@@ -174,10 +182,11 @@ def train_cell(cell: Cell, folder: Path, opts: RunOptions, train_split: datamod.
         train_s += wall
         row = {"epoch": float(epoch), "wall_s": wall, "batches_per_s": len(batches) / wall, **_epoch_means(rows)}
         log.append(row)
-        # Checkpoint first: whenever train_log.csv shows an epoch, a checkpoint at least that far exists.
-        _save(ckpt_path, {"config": config_record, "epoch": epoch, "model": model.state_dict(),
-                          "recipe": recipe.state_dict(), "log": log, "train_s": train_s})
-        write_csv(folder / "train_log.csv", row.keys(), [[r[k] for k in row] for r in log])
+        if ranks.main:
+            # Checkpoint first: whenever train_log.csv shows an epoch, a checkpoint at least that far exists.
+            _save(ckpt_path, {"config": config_record, "epoch": epoch, "model": model.state_dict(),
+                              "recipe": recipe.state_dict(), "log": log, "train_s": train_s})
+            write_csv(folder / "train_log.csv", row.keys(), [[r[k] for k in row] for r in log])
         print(f"  epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} acc {row.get('acc', math.nan):.3f} "
               f"p {row.get('p', math.nan):.4g} lr {row.get('lr', math.nan):.2e} ({wall:.1f}s)", file=sys.stderr)
     return model, train_s, log
@@ -208,39 +217,67 @@ def _write_verdicts(folder: Path, name: str, ev: Evaluation) -> None:
     write_csv(folder / name, VERDICT_COLUMNS, ev.rows())
 
 
-def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> dict[str, Any]:
-    """Train (or resume) and evaluate one cell under its method's own verifier; write ``result.json``."""
-    folder = cell_folder(cell, opts.out)
-    ensure_writable(folder)
-    remove_stale_temporaries(folder)
-    for old in [*folder.glob(result_file("*")), *folder.glob("verdicts-*.csv")]:
-        old.unlink()  # other verifiers' records of a previous model of this cell
-    method = registry.get(cell.method)
-    started = datetime.now(timezone.utc)
-    config_record = {
+def _config_record(cell: Cell) -> dict[str, Any]:
+    return {
         "cell": {"suite": cell.suite, "dataset": cell.dataset, "eps": format_eps(cell.eps), "method": cell.method,
                  "variant": cell.variant, "scale": cell.scale.name, "seed": cell.seed},
         "config": dump_config(cell.config),
         "scale_config": cell.scale.as_dict(),
     }
-    atomic_write_json(folder / "config.json", config_record)
+
+
+def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> dict[str, Any] | None:
+    """Train (or resume) and evaluate one cell under its method's own verifier; write ``result.json``.
+    Under several ranks rank 0 writes and returns the record, the others return None."""
+    started = datetime.now(timezone.utc)
+    model, train_s = train_model(cell, opts, splits)
+    ranks = distributed.current()
+    # Each rank evaluates its own contiguous slice; per-point random streams make the merged verdicts
+    # those of one pass over the whole range.
+    part = evaluate(registry.get(cell.method), model, splits[False], distributed.shard(*cell.scale.test_range, ranks),
+                    float(cell.eps), AttackPlan.of(cell.scale), cell.scale.eval_batch_size, opts.device, cell.seed,
+                    None, progress=opts.progress)
+    ev = merge(distributed.gather(part))
+    if not ranks.main:
+        return None
+    return write_record(cell, opts, started, ev, train_s)
+
+
+def train_model(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) -> tuple[torch.nn.Module, float]:
+    """Train (or resume) a cell and save its deployed model; returns it and the training seconds."""
+    folder = cell_folder(cell, opts.out)
+    ranks = distributed.current()
+    if ranks.main:
+        ensure_writable(folder)
+        remove_stale_temporaries(folder)
+        for old in [*folder.glob(result_file("*")), *folder.glob("verdicts-*.csv")]:
+            old.unlink()  # other verifiers' records of a previous model of this cell
+        slices.remove_parts(folder)
+    config_record = _config_record(cell)
+    if ranks.main:
+        atomic_write_json(folder / "config.json", config_record)
+    distributed.barrier()
 
     train = splits[True]
     if cell.scale.train_examples:
         train = datamod.Split(train.images[: cell.scale.train_examples], train.labels[: cell.scale.train_examples])
     model, train_s, _ = train_cell(cell, folder, opts, train, config_record)
-    method.deploy(model)
-    _save(folder / MODEL, model.state_dict())
+    registry.get(cell.method).deploy(model)
+    if ranks.main:
+        _save(folder / MODEL, model.state_dict())
+    return model, train_s
 
-    ev = evaluate(method, model, splits[False], cell.scale.test_range, float(cell.eps), AttackPlan.of(cell.scale),
-                  cell.scale.eval_batch_size, opts.device, cell.seed, None, progress=opts.progress)
+
+def write_record(cell: Cell, opts: RunOptions, started: datetime, ev: Evaluation, train_s: float) -> dict[str, Any]:
+    """The cell's ``verdicts.csv`` and ``result.json`` from its whole evaluation; ends the cell."""
+    folder = cell_folder(cell, opts.out)
     _write_verdicts(folder, "verdicts.csv", ev)
     timings = {"train": train_s, **ev.timings_s}
     timings["total"] = sum(timings.values())
     record = {
         "schema": SCHEMA_VERSION,
         "status": "complete",
-        **config_record,
+        **_config_record(cell),
         "metrics": ev.metrics(),
         "counts": ev.counts(),
         "n_examples": ev.n,
@@ -254,7 +291,32 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
     }
     atomic_write_json(folder / RESULT_FILE, record)
     (folder / CHECKPOINT).unlink(missing_ok=True)
+    slices.remove_parts(folder)
     return record
+
+
+def evaluate_in_slices(cell: Cell, opts: RunOptions, test: datamod.Split, n: int, only: int | None
+                       ) -> dict[str, Any] | None:
+    """Evaluate slice ``only`` (or every missing slice) of a trained cell; the call that completes the set
+    merges the slices and writes the record, which it returns."""
+    folder = cell_folder(cell, opts.out)
+    for k in [only] if only is not None else range(n):
+        slices.evaluate_slice(cell, folder, opts.device, test, k, n, opts.progress)
+    try:
+        with CellLock(folder):
+            if result_state(cell, opts.out) == "done":
+                return None
+            done = slices.merged(folder, n)
+            if done is None:
+                print(f"  {slices.parts_done(folder, n)} of {n} slices evaluated; the job that evaluates the last "
+                      "one writes the result", file=sys.stderr)
+                return None
+            ev, started = done
+            train_s = sum(float(r["wall_s"]) for r in read_csv(folder / "train_log.csv"))
+            return write_record(cell, opts, datetime.fromisoformat(started), ev, train_s)
+    except CellBusy as busy:
+        print(f"  another run holds the cell ({busy}); it writes the result", file=sys.stderr)
+        return None
 
 
 def certify_cell(cell: Cell, opts: RunOptions, test: datamod.Split, certifier: str) -> dict[str, Any]:
@@ -360,6 +422,7 @@ def _summary(record: dict[str, Any]) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     suite, cells = select_cells(args)
+    slices.check_shards(args.eval_shards, args.eval_shard)
     cells = [replace(c, scale=c.scale.with_attack(args.attack)) for c in cells]
     _check_certifier(cells, args.certifier)
     out = Path(args.out)
@@ -368,6 +431,16 @@ def run_command(args: argparse.Namespace) -> int:
         return _dry_run(cells, states, out, resolve_device(args.device), args.estimate)
     # Jobs pick their device where they run: a login node without a GPU must not refuse --device cuda.
     device = resolve_device(args.device) if args.executor == "local" else None
+    if device is not None:
+        ranks, device = distributed.setup(device)
+        if ranks.world > 1 and args.certifier is not None:
+            raise BenchError("--certifier runs in one process; start it without torchrun")
+        if ranks.world > 1 and args.eval_shards is not None:
+            raise BenchError("--eval-shards splits the evaluation into jobs; under torchrun the ranks already "
+                             "evaluate a slice each")
+    elif distributed.ranks_from_env(os.environ).world > 1:
+        raise BenchError(f"--executor {args.executor} submits jobs; run it in one process, not under torchrun "
+                         "(--gpus-per-cell N makes each job use N devices)")
     ensure_writable(out)
     kept = [c for c in cells if states[c] == "stale" and not args.replace_stale]
     todo = [c for c in cells if states[c] not in ("done", "running") and c not in kept]
@@ -383,6 +456,8 @@ def run_command(args: argparse.Namespace) -> int:
         from bench.executors import submit_cells
 
         return submit_cells(args, suite, todo, out)
+    if args.eval_shards is not None:
+        return _run_sliced(args, suite.name, todo, out, device)
     if todo or any(_needs_recertify(c, out, args.certifier) for c in cells if states[c] == "done"):
         root = datamod.data_dir(args.data_dir)
         splits = _load_splits(suite.dataset, root)
@@ -399,13 +474,50 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_one_cell(cell: Cell, out: Path, data_dir: Path, device: str, replace_stale: bool) -> str:
+def _run_sliced(args: argparse.Namespace, suite: str, todo: list[Cell], out: Path, device: torch.device) -> int:
+    """``--eval-shards N [--eval-shard K]`` in this process: train what is untrained (not with K: a slice
+    job never trains), then evaluate the slices and merge them when all are there."""
+    root = datamod.data_dir(args.data_dir)
+    splits = _load_splits(todo[0].dataset, root) if todo else {}
+    opts = RunOptions(out, root, device, not args.no_progress, versions())
+    untrained = 0
+    for i, cell in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {cell.label}", file=sys.stderr)
+        folder = cell_folder(cell, out)
+        if not slices.trained(folder, cell):
+            if args.eval_shard is not None:
+                print("  not trained yet: train it first (the same command without --eval-shard)", file=sys.stderr)
+                untrained += 1
+                continue
+            _locked(cell, out, lambda c=cell: _train_if_pending(c, opts, splits, args.replace_stale, False))
+            if not slices.trained(folder, cell):
+                continue
+        record = evaluate_in_slices(cell, opts, splits[False], args.eval_shards, args.eval_shard)
+        if record is not None:
+            print(_summary(record), file=sys.stderr)
+    print_table(out, args.scale, suite)
+    return 1 if todo and untrained == len(todo) else 0
+
+
+def run_one_slice(cell: Cell, out: Path, data_dir: Path, device: str, k: int, n: int) -> str:
+    """Slice ``k`` of ``n`` of a trained cell's evaluation, as an executor's job runs it."""
+    print(f"{cell.label}: slice {k} of {n}", file=sys.stderr)
+    opts = RunOptions(out, data_dir, resolve_device(device), False, versions())
+    if not slices.trained(cell_folder(cell, out), cell):
+        raise BenchError(f"{cell.label} is not trained: its evaluation slices cannot run")
+    evaluate_in_slices(cell, opts, datamod.load_split(cell.dataset, False, data_dir), n, k)
+    return cell_state(cell, out)
+
+
+def run_one_cell(cell: Cell, out: Path, data_dir: Path, device: str, replace_stale: bool,
+                 evaluate_too: bool = True) -> str:
     """One cell as an executor's job runs it: the loop's own code for that cell (lock, state check, train,
     evaluate, record); returns the cell's state afterwards."""
     print(cell.label, file=sys.stderr)
     splits = _load_splits(cell.dataset, data_dir)
-    opts = RunOptions(out, data_dir, resolve_device(device), False, versions())
-    _locked(cell, out, lambda: _train_if_pending(cell, opts, splits, replace_stale))
+    _, where = distributed.setup(resolve_device(device))  # several tasks per job: one cell on several devices
+    opts = RunOptions(out, data_dir, where, False, versions())
+    _locked(cell, out, lambda: _train_if_pending(cell, opts, splits, replace_stale, evaluate_too))
     return cell_state(cell, out)
 
 
@@ -414,20 +526,29 @@ def _load_splits(dataset: str, root: Path) -> dict[bool, datamod.Split]:
 
 
 def _locked(cell: Cell, out: Path, work: Callable[[], None]) -> None:
-    """Run ``work`` holding the cell's lock; a cell another live process holds is skipped with a message."""
+    """Run ``work`` holding the cell's lock; a cell another live process holds is skipped with a message.
+    Under several ranks rank 0 holds the lock for all of them, and they follow its decision."""
+    if not distributed.current().main:
+        if distributed.agree(False):
+            work()
+        return
     try:
         with CellLock(cell_folder(cell, out)) as lock:
+            distributed.agree(True)
             if lock.stale is not None:
                 print(f"  note: the run that held this cell ({lock.stale.describe()}) is gone; taking it over",
                       file=sys.stderr)
             work()
     except CellBusy as busy:
+        distributed.agree(False)
         print(f"  skipped: another run holds this cell ({busy})", file=sys.stderr)
 
 
-def _train_if_pending(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split], replace_stale: bool) -> None:
-    """Under the cell's lock: its state again (another run may have finished it meanwhile), then train."""
-    state = result_state(cell, opts.out)
+def _train_if_pending(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split], replace_stale: bool,
+                      evaluate_too: bool = True) -> None:
+    """Under the cell's lock: its state again (another run may have finished it meanwhile), then train
+    and (unless ``evaluate_too`` is False: its evaluation runs in slices) evaluate."""
+    state = distributed.agree(result_state(cell, opts.out))
     if state == "done":
         print("  finished by another run meanwhile", file=sys.stderr)
         return
@@ -436,7 +557,13 @@ def _train_if_pending(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.S
         return
     if state == "corrupt":
         print("  its result file is unreadable: re-running the cell", file=sys.stderr)
-    print(_summary(run_cell(cell, opts, splits)), file=sys.stderr)
+    if not evaluate_too:
+        if not slices.trained(cell_folder(cell, opts.out), cell):
+            train_model(cell, opts, splits)
+        return
+    record = run_cell(cell, opts, splits)
+    if record is not None:
+        print(_summary(record), file=sys.stderr)
 
 
 def _kept_text(cell: Cell, out: Path) -> str:
@@ -527,6 +654,12 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replace-stale", action="store_true",
                    help="retrain cells finished under a different config and replace their results (default: keep "
                         "them and say which keys differ)")
+    p.add_argument("--eval-shards", type=int, metavar="N",
+                   help="evaluate each trained cell in N slices of its test range, each written as a part file "
+                        "and merged into the same result as one pass; with --executor slurm, one job per slice")
+    p.add_argument("--eval-shard", type=int, metavar="K",
+                   help="with --eval-shards N: only slice K (0 … N−1), for cells already trained; the job that "
+                        "completes the set writes the result")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (the one-line summary of each epoch is still printed)")
     executors.add_arguments(p)

@@ -16,6 +16,7 @@ from torch import nn
 
 from methods.base import DatasetInfo, MethodError
 from methods.normalize import Normalize
+from methods.parallel import BatchNorm1d, BatchNorm2d
 
 NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "mnist": None,
@@ -89,7 +90,7 @@ def build_cnn(spec: CnnSpec, info: DatasetInfo) -> nn.Sequential:
     for conv in spec.convs:
         layers.append(nn.Conv2d(channels, conv.channels, conv.kernel, conv.stride, conv.padding))
         if spec.batchnorm:
-            layers.append(nn.BatchNorm2d(conv.channels))
+            layers.append(BatchNorm2d(conv.channels))
         layers.append(nn.ReLU())
         channels = conv.channels
         height = (height + 2 * conv.padding - conv.kernel) // conv.stride + 1
@@ -99,7 +100,7 @@ def build_cnn(spec: CnnSpec, info: DatasetInfo) -> nn.Sequential:
     for size in spec.hidden:
         layers.append(nn.Linear(features, size))
         if spec.batchnorm:
-            layers.append(nn.BatchNorm1d(size))
+            layers.append(BatchNorm1d(size))
         layers.append(nn.ReLU())
         features = size
     layers.append(nn.Linear(features, info.num_classes))

@@ -34,6 +34,7 @@ from methods.bounds.functional import (
     transposed_conv2d,
 )
 from methods.normalize import Normalize
+from methods.parallel import batch_moments
 
 Box = tuple[torch.Tensor, torch.Tensor]
 
@@ -265,7 +266,7 @@ class BatchNorm(ChannelAffine):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_batch_stats:
             dims = [0] + list(range(2, x.dim()))
-            self._batch_stats = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
+            self._batch_stats = batch_moments(x, dims)
         return super().forward(x)
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:

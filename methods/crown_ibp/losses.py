@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.bounds.layers import Box
+from methods.parallel import global_mean, global_sum
 
 
 def robust_ce(margin_lower: torch.Tensor) -> torch.Tensor:
@@ -29,16 +30,16 @@ def warmup_regularisers(input_box: Box, relu_inputs: Sequence[Box], tolerance: f
     centres), each term skipped when not finite, both averaged over ReLU layers. Returns a scalar.
     """
     lower0, upper0 = input_box
-    radius0 = ((upper0 - lower0) / 2).mean()
+    radius0 = global_mean((upper0 - lower0) / 2)
     tight = radius0.new_zeros(())
     relu = radius0.new_zeros(())
     for lower, upper in relu_inputs:
         centre, radius = (upper + lower) / 2, (upper - lower) / 2
-        tight = tight + F.relu(tolerance - radius0 / radius.mean().clamp(min=1e-12)) / tolerance
+        tight = tight + F.relu(tolerance - radius0 / global_mean(radius).clamp(min=1e-12)) / tolerance
         active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
-        mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
-        spread = (centre - centre.mean()) ** 2
-        var_ratio = (spread * active).sum() / (spread * inactive).sum()
+        mean_ratio = global_mean(centre * active) / -global_mean(centre * inactive)
+        spread = (centre - global_mean(centre)) ** 2
+        var_ratio = global_sum(spread * active) / global_sum(spread * inactive)
         mean_ratio = torch.min(mean_ratio, 1 / mean_ratio.clamp(min=1e-12))
         var_ratio = torch.min(var_ratio, 1 / var_ratio.clamp(min=1e-12))
         term = (F.relu(tolerance - mean_ratio) + F.relu(tolerance - var_ratio)) / tolerance

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import parallel
 from methods.base import Recipe
 from methods.bounds import certified, compute_margin_bounds, margin_spec
 from methods.crown_ibp.config import TrainConfig
@@ -76,8 +77,9 @@ class BoundTrainingRecipe(Recipe):
         first_of_group = batch % cfg.batch_multiplier == 0
         if first_of_group:
             self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parallel.backward(loss, len(y))
         if first_of_group or batch == self.batches_per_epoch - 1:
+            parallel.reduce_gradients(self.model.parameters())
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from methods.base import MethodError
+from methods.parallel import batch_mean
 from methods.linf_dist.ops import linf_dist_interval, lp_dist
 
 
@@ -29,7 +30,7 @@ class MeanShift(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return y - self.running_mean
-        mu = y.mean(dim=0)
+        mu = batch_mean(y)
         with torch.no_grad():
             self.running_mean.mul_(1 - self.momentum).add_(mu.detach(), alpha=self.momentum)
         return y - mu

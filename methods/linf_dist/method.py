@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import parallel
 from methods.base import (
     Augmentation,
     Certificate,
@@ -123,7 +124,8 @@ class LinfDistRecipe(Recipe):
         self.model.train()
         loss, logits, violation = self.loss(self.model, x, y, eps, lam)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parallel.backward(loss, len(y))
+        parallel.reduce_gradients(self.model.parameters())
         if self.decay is not None:
             self.decay.apply()
         self.optimizer.step()
