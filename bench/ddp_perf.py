@@ -106,6 +106,7 @@ def main() -> int:
                   f"×{rows[-1]['speedup']}")
     record = {"machine": f"{cpu_model()} ({os.cpu_count()} cores)", "torch": torch.__version__, "backend": "gloo",
               "suite": args.suite, "scale": args.scale, "eps": str(Fraction(args.eps)), "rows": rows,
+              "load_average_1min_after": round(os.getloadavg()[0], 2),
               "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -34,6 +34,11 @@ current results on purpose; the spread is measured over the seeds in ``--spread-
 results): for every seed that has all of a pool's cells, the pool's mean; the tolerance is ``z`` standard
 deviations of the difference of two such means (one seed's baseline, another seed's or CPU's CI run: √2 ×
 the seed SD). A pool without measured spread gets the floor; ``check --tolerance`` overrides every pool's.
+
+A cell that collapses in some seeds (its lowest certified accuracy over the measured seeds below
+``COLLAPSE_RATIO`` × its highest) is recorded but left out of its pool (``left_out``, with its range): it
+is bimodal, trains or does not, and in a pool its jumps would set a tolerance wider than every regression
+the other cells could show. If every cell of a method collapses, the pool keeps them all.
 """
 
 from __future__ import annotations
@@ -223,30 +228,53 @@ def _round_up(value: float) -> float:
     return math.ceil(value * 1000 - 1e-6) / 1000
 
 
+COLLAPSE_RATIO = 0.5
+
+
+def _collapsing(spread: dict[str, dict[str, Any]], run: Run) -> str | None:
+    """Why a cell is left out of its pool (its certified seed range), or None."""
+    measured = spread.get(run.group)
+    if measured is None or measured["certified"]["min"] >= COLLAPSE_RATIO * measured["certified"]["max"]:
+        return None
+    c = measured["certified"]
+    return (f"certified {100 * c['min']:.1f}–{100 * c['max']:.1f} % over seeds "
+            f"{', '.join(map(str, measured['seeds']))}: collapses in some")
+
+
 def baseline_record(runs: Sequence[Run], spread_runs: Sequence[Run], floor: float, z: float) -> dict[str, Any]:
     """The baseline file's content: every run's accuracies, and per method its pool with the tolerance its
     measured seed spread earns."""
-    pool_cells: dict[str, list[str]] = defaultdict(list)
+    cell_spread = measure_spread(spread_runs)
+    members: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        pool_cells[pool_key(run)].append(run.key)
+        members[pool_key(run)].append(run)
+    pool_cells: dict[str, list[str]] = {}
+    left_out: dict[str, dict[str, str]] = {}
+    for key, group in members.items():
+        stable = [r for r in group if _collapsing(cell_spread, r) is None] or group
+        pool_cells[key] = [r.key for r in stable]
+        left_out[key] = {r.key: str(_collapsing(cell_spread, r)) for r in group if r not in stable}
     pool_spread = measure_pool_spread(pool_cells, spread_runs)
     by_key = {r.key: r for r in runs}
     pools: dict[str, dict[str, Any]] = {}
     for key, cells in sorted(pool_cells.items()):
         measured = pool_spread.get(key)
         entry: dict[str, Any] = {"cells": cells}
+        if left_out[key]:
+            entry["left_out"] = left_out[key]
         entry.update({m: round(_mean([getattr(by_key[c], m) for c in cells]), 6) for m in GATED})
         entry["tolerance"] = {m: min(1.0, max(floor, _round_up(z * math.sqrt(2) * measured[m]["sd"])))
                               if measured else floor for m in GATED}
         pools[key] = entry
     rule = (f"per method pool (its mean over its cells): max({floor}, {z} × √2 × the seed SD of that mean) over "
-            f"the seeds in spread.pools; {floor} for pools without measured spread")
+            f"the seeds in spread.pools; {floor} for pools without measured spread; cells whose certified accuracy "
+            f"falls below {COLLAPSE_RATIO} × its best in some seed are left out of their pool")
     return {
         "schema": BASELINE_SCHEMA,
         "tolerance": floor,
         "z": z,
         "tolerance_rule": rule,
-        "spread": {"cells": measure_spread(spread_runs), "pools": pool_spread},
+        "spread": {"cells": cell_spread, "pools": pool_spread},
         "pools": pools,
         "cells": {r.key: {"certified": r.certified, "clean": r.clean, "pgd": r.pgd} for r in runs},
     }
@@ -290,7 +318,7 @@ def update_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pool_table(rows: list[PoolResult]) -> str:
+def pool_table(rows: list[PoolResult]) -> str:
     table = [[r.pool, r.metric, _pct(r.baseline), _pct(r.now), _pct(r.delta, signed=True), _pct(r.tolerance),
               r.status] for r in rows]
     return tabulate(table, headers=["method pool", "metric", "baseline %", "now %", "Δ points", "tolerance",
@@ -342,7 +370,7 @@ def baseline_check(args: argparse.Namespace) -> int:
     forced = None if args.tolerance is None else _fraction(args.tolerance, "--tolerance")
     runs = _selected(_read(Path(args.out)), None, None)
     rows = compare(baseline, runs, forced)
-    print(_pool_table(rows))
+    print(pool_table(rows))
     now = {r.key: r for r in runs}
     failed_pools = sorted({r.pool for r in rows if r.failed})
     for key in failed_pools:

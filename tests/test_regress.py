@@ -112,6 +112,24 @@ def test_a_pool_tolerance_is_z_sd_of_the_difference_of_two_seeds(results: Path, 
     assert record["pools"]["smoke/ibp"]["tolerance"]["clean"] == 0.005
 
 
+def test_a_cell_that_collapses_in_some_seed_is_left_out_of_its_pool(results: Path, tmp_path: Path):
+    """A bimodal cell (certified 0.5, then 0.1 in one seed) would set the pool's tolerance by its jumps; it
+    is recorded, named with its range, and left out of the pool, whose tolerance the other cell sets."""
+    seeds = tmp_path / "seeds"
+    shutil.copytree(results, seeds)
+    for seed, (a, b) in enumerate([(0.78, 0.1), (0.82, 0.5), (0.80, 0.48)], start=1):
+        _add_seed(seeds, OTHER, seed, a)
+        _add_seed(seeds, CELL, seed, b)
+    path = tmp_path / "b.json"
+    assert main(["check", "--baseline", str(path), "--results", str(results), "--update", "--spread-from",
+                 str(seeds)]) == 0
+    pool = json.loads(path.read_text())["pools"]["smoke/ibp"]
+    assert pool["cells"] == [OTHER] and pool["certified"] == pytest.approx(0.8)
+    assert "10.0–50.0 %" in pool["left_out"][CELL] and CELL in json.loads(path.read_text())["cells"]
+    values = [0.8, 0.78, 0.82, 0.80]
+    assert pool["tolerance"]["certified"] == math.ceil(3 * math.sqrt(2) * statistics.stdev(values) * 1000 - 1e-6) / 1000
+
+
 def test_check_passes_on_its_baseline(baseline: Path, results: Path, capsys: pytest.CaptureFixture[str]):
     assert _check(baseline, results) == 0
     out = capsys.readouterr().out
