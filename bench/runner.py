@@ -593,7 +593,9 @@ def _dry_run(cells: list[Cell], states: dict[Cell, str], out: Path, device: torc
             line += f"  ({epochs_done(cell_folder(cell, out))} epochs done)"
         if estimate and cell in pending:
             n_train = cell.scale.train_examples or datamod.dataset_info(cell.dataset).train_size
-            seconds = estimate_seconds(cell, device, n_train, epochs_done(cell_folder(cell, out)))
+            # A stale cell's log is its old training's; --replace-stale retrains it from the start.
+            done = 0 if state == "stale" else epochs_done(cell_folder(cell, out))
+            seconds = estimate_seconds(cell, device, n_train, done)
             total += seconds
             line += f"  ~{seconds / 60:.1f} min"
         print(f"{line}  -> {cell_folder(cell, out)}", flush=True)

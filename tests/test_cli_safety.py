@@ -392,6 +392,23 @@ def test_estimate_leaves_out_finished_epochs() -> None:
     assert finished < nearly_done < fresh
 
 
+def test_estimate_of_a_stale_cell_counts_its_whole_retraining(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale cell's train_log.csv is its old training's: --replace-stale retrains it from epoch 0."""
+    import torch
+
+    import bench.estimate
+    from bench import runner
+
+    (cell,) = load_suite("mnist").cells("smoke", ["linf-dist"], [load_suite("mnist").eps[0]], [0], {})
+    write_csv(runner.cell_folder(cell, tmp_path) / "train_log.csv", ["epoch", "loss"], [[e, 1.0] for e in range(30)])
+    asked: list[int] = []
+    monkeypatch.setattr(bench.estimate, "estimate_seconds", lambda c, d, n, done=0: asked.append(done) or 1.0)
+    for state, done in (("stale", 0), ("partial", 30)):
+        runner._dry_run([cell], {cell: state}, tmp_path, torch.device("cpu"), True)
+        assert asked.pop() == done
+
+
 def test_a_closed_pipe_is_no_traceback() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "bench", "list"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
