@@ -78,6 +78,19 @@ def _add_seed(results: Path, cell: str, seed: int, certified: float) -> None:
     _set(results, target, certified=certified)
 
 
+def _update_with_seeds(results: Path, tmp_path: Path, certified: list[tuple[float, float]]) -> dict:
+    """--update with seeds 1, 2, … of the ibp pool's two cells (OTHER, CELL) certifying ``certified``."""
+    seeds = tmp_path / "seeds"
+    shutil.copytree(results, seeds)
+    for seed, (a, b) in enumerate(certified, start=1):
+        _add_seed(seeds, OTHER, seed, a)
+        _add_seed(seeds, CELL, seed, b)
+    path = tmp_path / "b.json"
+    assert main(["check", "--baseline", str(path), "--results", str(results), "--update", "--spread-from",
+                 str(seeds)]) == 0
+    return json.loads(path.read_text())
+
+
 def test_update_records_cells_pools_and_the_floor(baseline: Path):
     produced = baseline.read_text()
     if os.environ.get("CERTBENCH_UPDATE_GOLDEN") == "1":
@@ -94,15 +107,7 @@ def test_update_records_cells_pools_and_the_floor(baseline: Path):
 
 
 def test_a_pool_tolerance_is_z_sd_of_the_difference_of_two_seeds(results: Path, tmp_path: Path):
-    seeds = tmp_path / "seeds"
-    shutil.copytree(results, seeds)
-    for seed, (a, b) in enumerate([(0.78, 0.52), (0.82, 0.46), (0.84, 0.50)], start=1):
-        _add_seed(seeds, OTHER, seed, a)
-        _add_seed(seeds, CELL, seed, b)
-    path = tmp_path / "b.json"
-    assert main(["check", "--baseline", str(path), "--results", str(results), "--update", "--spread-from",
-                 str(seeds)]) == 0
-    record = json.loads(path.read_text())
+    record = _update_with_seeds(results, tmp_path, [(0.78, 0.52), (0.82, 0.46), (0.84, 0.50)])
     means = [(0.8 + 0.5) / 2, (0.78 + 0.52) / 2, (0.82 + 0.46) / 2, (0.84 + 0.50) / 2]
     spread = record["spread"]["pools"]["smoke/ibp"]
     assert spread["seeds"] == [0, 1, 2, 3] and spread["certified"]["values"] == pytest.approx(means)
@@ -115,17 +120,10 @@ def test_a_pool_tolerance_is_z_sd_of_the_difference_of_two_seeds(results: Path, 
 def test_a_cell_that_collapses_in_some_seed_is_left_out_of_its_pool(results: Path, tmp_path: Path):
     """A bimodal cell (certified 0.5, then 0.1 in one seed) would set the pool's tolerance by its jumps; it
     is recorded, named with its range, and left out of the pool, whose tolerance the other cell sets."""
-    seeds = tmp_path / "seeds"
-    shutil.copytree(results, seeds)
-    for seed, (a, b) in enumerate([(0.78, 0.1), (0.82, 0.5), (0.80, 0.48)], start=1):
-        _add_seed(seeds, OTHER, seed, a)
-        _add_seed(seeds, CELL, seed, b)
-    path = tmp_path / "b.json"
-    assert main(["check", "--baseline", str(path), "--results", str(results), "--update", "--spread-from",
-                 str(seeds)]) == 0
-    pool = json.loads(path.read_text())["pools"]["smoke/ibp"]
+    record = _update_with_seeds(results, tmp_path, [(0.78, 0.1), (0.82, 0.5), (0.80, 0.48)])
+    pool = record["pools"]["smoke/ibp"]
     assert pool["cells"] == [OTHER] and pool["certified"] == pytest.approx(0.8)
-    assert "10.0–50.0 %" in pool["left_out"][CELL] and CELL in json.loads(path.read_text())["cells"]
+    assert "10.0–50.0 %" in pool["left_out"][CELL] and CELL in record["cells"]
     values = [0.8, 0.78, 0.82, 0.80]
     assert pool["tolerance"]["certified"] == math.ceil(3 * math.sqrt(2) * statistics.stdev(values) * 1000 - 1e-6) / 1000
 
