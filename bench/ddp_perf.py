@@ -6,8 +6,8 @@ that one process would use with two threads.
                              [--steps 30] [--out results/perf/ddp-cpu.json]
 
 Each configuration runs ``--steps`` training steps of the cell's own recipe on the global batch of its
-config, after ``WARMUP`` untimed steps, with the threads split evenly: one process gets all ``--threads``,
-each of N ranks gets threads/N (a rank with its own cores is what a cluster node gives it).
+config, after ``WARMUP`` untimed steps: one process on one thread, one process on all ``--threads``, and N
+ranks on threads/N each (a rank with its own cores is what a cluster node gives it).
 """
 
 from __future__ import annotations
@@ -64,15 +64,15 @@ def _worker(suite: str, scale: str, method: str, eps: str, steps: int, out: str)
         Path(out).write_text(json.dumps({"examples": examples, "wall_s": wall, "steps": min(steps, k - WARMUP)}))
 
 
-def _measure(args: argparse.Namespace, method: str, ranks: int, tmp: Path) -> dict[str, float]:
-    out = tmp / f"{method}-{ranks}.json"
+def _measure(args: argparse.Namespace, method: str, ranks: int, threads: int, tmp: Path) -> dict[str, float]:
+    out = tmp / f"{method}-{ranks}-{threads}.json"
     worker = ["-m", "bench.ddp_perf", "--worker", args.suite, args.scale, method, args.eps, str(args.steps), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // ranks))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, *worker] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *worker]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     done = json.loads(out.read_text())
-    return {"ranks": ranks, "threads_per_rank": max(1, args.threads // ranks), "steps": done["steps"],
+    return {"ranks": ranks, "threads_per_rank": threads, "steps": done["steps"],
             "wall_s": round(done["wall_s"], 3), "examples_per_s": round(done["examples"] / done["wall_s"], 1)}
 
 
@@ -97,13 +97,16 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            one = _measure(args, method, 1, Path(tmp))
-            many = _measure(args, method, args.ranks, Path(tmp))
-            rows.append({"method": method, "one_process": one, "ranks": many,
-                         "speedup": round(many["examples_per_s"] / one["examples_per_s"], 2)})
-            print(f"{method}: 1 process {one['examples_per_s']} ex/s ({one['threads_per_rank']} threads), "
-                  f"{args.ranks} ranks {many['examples_per_s']} ex/s ({many['threads_per_rank']} thread each): "
-                  f"×{rows[-1]['speedup']}")
+            single = _measure(args, method, 1, 1, Path(tmp))
+            one = _measure(args, method, 1, args.threads, Path(tmp))
+            many = _measure(args, method, args.ranks, max(1, args.threads // args.ranks), Path(tmp))
+            best = max(single["examples_per_s"], one["examples_per_s"])
+            rows.append({"method": method, "one_process_one_thread": single, "one_process": one, "ranks": many,
+                         "speedup_over_best_one_process": round(many["examples_per_s"] / best, 2)})
+            print(f"{method}: 1 process {single['examples_per_s']} ex/s (1 thread), {one['examples_per_s']} ex/s "
+                  f"({one['threads_per_rank']} threads); {args.ranks} ranks {many['examples_per_s']} ex/s "
+                  f"({many['threads_per_rank']} thread each): ×{rows[-1]['speedup_over_best_one_process']} over "
+                  "the better one-process run")
     record = {"machine": f"{cpu_model()} ({os.cpu_count()} cores)", "torch": torch.__version__, "backend": "gloo",
               "suite": args.suite, "scale": args.scale, "eps": str(Fraction(args.eps)), "rows": rows,
               "load_average_1min_after": round(os.getloadavg()[0], 2),
