@@ -114,3 +114,12 @@ def parts_done(folder: Path, n: int) -> int:
     return sum((folder / part_file(k, n)).exists() for k in range(n))
 
 
+def progress(folder: Path) -> str | None:
+    """"k of n evaluation slices" while a sliced evaluation is under way, else None."""
+    counts: dict[int, int] = {}
+    for path in folder.glob("eval-part-*-of-*.json"):
+        n = int(path.stem.rsplit("-of-", 1)[1])
+        counts[n] = counts.get(n, 0) + 1
+    return "; ".join(f"trained; {k} of {n} evaluation slices" for n, k in sorted(counts.items())) or None
+
+

@@ -2,7 +2,8 @@
 
 done / stale / corrupt come from the result file; running from the cell's lock (a live process holds it,
 whether a job's or a local run's); queued / failed from the job marker a ``--executor`` driver wrote and
-what the scheduler says of that job now; partial (epoch k of n) from the epoch log; else missing. Reading
+what the scheduler says of that job now; partial (epoch k of n) from the epoch log, or (k of n evaluation
+slices) from the part files of a sliced evaluation; else missing. Reading
 the state changes nothing.
 """
 
@@ -12,6 +13,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from bench import slices
 from bench.config import Cell
 from bench.executors import JobMarker, job_states, last_log_line
 from bench.lock import holder
@@ -31,7 +33,7 @@ def cell_lines(cells: list[Cell], out: Path) -> list[tuple[str, Cell, str]]:
     for cell in cells:
         folder = cell_folder(cell, out)
         state, marker = results[cell], markers.get(cell)
-        progress = f"epoch {epochs_done(folder)} of {cell.config.get('epochs', '?')}"
+        progress = slices.progress(folder) or f"epoch {epochs_done(folder)} of {cell.config.get('epochs', '?')}"
         started = f"; {progress}" if state == "partial" else ""
         detail = progress if state == "partial" else ""
         if state in ("done", "stale", "corrupt"):

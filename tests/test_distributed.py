@@ -195,12 +195,22 @@ def _cell(out: Path, method: str) -> Path:
 
 
 def test_eval_shard_jobs_merge_into_the_one_pass_result(tmp_path: Path, data_dir: Path) -> None:
-    """Training as one submitit job, then three slice jobs side by side; the last one merges."""
-    sliced = _run(["--methods", "ibp", "--out", str(tmp_path), "--executor", "submitit-local", "--eval-shards", "3",
-                   "--wait"], data_dir)
-    assert sliced.returncode == 0, sliced.stderr[-2000:]
-    assert sliced.stdout.count("slice") == 3
+    """Training as one submitit job and slice 1 of 3 after it; status counts the slice; then the two missing
+    slices as jobs side by side, the last of which merges into exactly the one-pass verdicts."""
+    first = _run(["--methods", "ibp", "--out", str(tmp_path), "--executor", "submitit-local", "--eval-shards", "3",
+                  "--eval-shard", "1", "--wait"], data_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "training" in first.stdout and first.stdout.count("slice") == 1
     folder = _cell(tmp_path, "ibp")
+    assert not (folder / "result.json").exists()
+    status = subprocess.run([sys.executable, "-m", "bench", "status", "--suite", "mnist", "--scale", "smoke",
+                             "--methods", "ibp", "--eps", "0.1", "--out", str(tmp_path)], env=_env(data_dir),
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "partial  mnist ε=1/10 ibp seed 0  (trained; 1 of 3 evaluation slices)" in status.stdout
+    rest = _run(["--methods", "ibp", "--out", str(tmp_path), "--executor", "submitit-local", "--eval-shards", "3",
+                 "--wait"], data_dir)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert rest.stdout.count("slice") == 2 and "training" not in rest.stdout
     assert _one_pass(folder, data_dir) == [tuple(r.values()) for r in read_csv(folder / "verdicts.csv")]
     assert not list(folder.glob("eval-part-*")) and not (folder / "checkpoint.pt").exists()
 
