@@ -350,7 +350,7 @@ def test_unsupported_models_are_refused_clearly() -> None:
     with pytest.raises(MethodError, match="Sequential"):
         margin_lower_bounds(nn.Linear(16, 2), x.flatten(1), y, 0.1)
     with pytest.raises(MethodError, match="unknown bound method"):
-        margin_lower_bounds(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), x, y, 0.1, "alpha-crown")
+        margin_lower_bounds(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), x, y, 0.1, "beta-crown")
 
 
 class Shift(nn.Module):

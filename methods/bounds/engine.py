@@ -58,15 +58,23 @@ class BoundNet:
         """IBP lower bounds (B, S) of spec (B, S, K) @ logits, the spec merged into the last layer."""
         return self.layers[-1].interval_spec(*boxes[-1], spec)
 
-    def backward(self, lam: torch.Tensor, position: int, relu_boxes: Mapping[int, Box], x_box: Box) -> torch.Tensor:
+    def backward(self, lam: torch.Tensor, position: int, relu_boxes: Mapping[int, Box], x_box: Box,
+                 lower_slopes: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         """CROWN lower bounds (B, S) of lam (B, S, *shape at ``position``) · z over the input box.
 
         ``relu_boxes[i]`` must bound the input of every ReLU at a position i < ``position``.
+        ``lower_slopes[i]`` (B, S, N), if given, replaces the adaptive lower slopes of the unstable
+        neurons of the ReLU at position i (α-CROWN; each must lie in [0, 1]).
         """
+        slopes = lower_slopes or {}
         offset = lam.new_zeros(lam.shape[:2])
         for i in range(position - 1, -1, -1):
             box = relu_boxes.get(i, (None, None))
-            lam, step = self.layers[i].backward(lam, *box)
+            layer = self.layers[i]
+            if i in slopes and isinstance(layer, ReLU):
+                lam, step = layer.backward_with_lower_slope(lam, *box, slopes[i])
+            else:
+                lam, step = layer.backward(lam, *box)
             offset = offset + step
         x_lower, x_upper = x_box
         centre, radius = ((x_upper + x_lower) / 2).flatten(1), ((x_upper - x_lower) / 2).flatten(1)

@@ -352,6 +352,23 @@ class ReLU(BoundLayer):
         lam_in, offset = relu_relaxation(lam.reshape(batch, specs, -1), *lines)
         return lam_in.view(lam.shape), offset
 
+    def backward_with_lower_slope(
+        self, lam: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, slope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``backward`` with the lower line of every unstable neuron relu(z) ≥ α z set by ``slope`` α
+        (B, S, N), one per margin row: α-CROWN. Sound for every α in [0, 1] (the line then lies below
+        relu everywhere), which the caller keeps; differentiable in α. Stable neurons stay exact."""
+        batch, specs = lam.shape[:2]
+        _, upper_slope, intercept = (t.flatten(1).unsqueeze(1) for t in self.relaxation(lower, upper))
+        flat_lower, flat_upper = lower.flatten(1).unsqueeze(1), upper.flatten(1).unsqueeze(1)
+        unstable = ((flat_lower < 0) & (flat_upper > 0)).to(lam.dtype)
+        lower_slope = unstable * slope + (flat_lower >= 0).to(lam.dtype)
+        flat = lam.reshape(batch, specs, -1)
+        # One of the two parts is exactly 0, so each coefficient is one rounded product, as in ``backward``.
+        negative = flat.clamp(max=0)
+        lam_in = flat.clamp(min=0) * lower_slope + negative * upper_slope
+        return lam_in.view(lam.shape), (negative * intercept).sum(dim=2)
+
 
 class Monotone(BoundLayer):
     """Element-wise non-decreasing activations (Tanh, Sigmoid): IBP maps the two ends; no CROWN rule."""

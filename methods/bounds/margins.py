@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from methods.base import MethodError
+from methods.bounds.alpha import alpha_crown_margins
 from methods.bounds.engine import BoundNet
 from methods.bounds.layers import Box
 from methods.bounds.rounding import rounding_errors
 
-BOUND_METHODS = ("ibp", "crown-ibp", "crown")
+BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 
 
@@ -65,7 +66,8 @@ def compute_margin_bounds(
     hi: float = 1.0,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> MarginBounds:
-    """Several bounds of one batch sharing one clean pass and one IBP pass (differentiable).
+    """Several bounds of one batch sharing one clean pass and one IBP pass (differentiable, except
+    "alpha-crown", whose slopes are optimised here).
 
     Training uses this directly (CROWN-IBP training needs IBP and CROWN-IBP bounds of the same batch).
     No batch splitting happens here: with training-mode BatchNorm the statistics are the whole batch's.
@@ -92,9 +94,12 @@ def compute_margin_bounds(
         if "crown-ibp" in methods:
             relu_boxes = {i: boxes[i] for i in net.relu_positions}
             out.margins["crown-ibp"] = net.backward(spec, len(net.layers), relu_boxes, x_box)
-    if "crown" in methods:
+    if "crown" in methods or "alpha-crown" in methods:
         out.crown_relu_boxes = net.crown_relu_boxes(x_box, memory_bytes)
-        out.margins["crown"] = net.backward(spec, len(net.layers), out.crown_relu_boxes, x_box)
+        if "crown" in methods:
+            out.margins["crown"] = net.backward(spec, len(net.layers), out.crown_relu_boxes, x_box)
+        if "alpha-crown" in methods:
+            out.margins["alpha-crown"] = alpha_crown_margins(net, spec, out.crown_relu_boxes, x_box)
     return out
 
 
@@ -112,9 +117,10 @@ def margin_lower_bounds(
     [x − eps, x + eps] ∩ [lo, hi] (pixel units); certified means every bound > 0.
 
     ``method``: "ibp" (interval bound propagation, last layer merged with the spec), "crown-ibp" (IBP boxes
-    for the ReLUs, one CROWN pass from the spec) or "crown" (CROWN boxes for every ReLU; refused with a
-    MethodError where too costly). A model with no module in training mode is bounded in chunks of the
-    batch sized to ``memory_bytes``; otherwise (e.g. training-mode BatchNorm, whose statistics are the
+    for the ReLUs, one CROWN pass from the spec), "crown" (CROWN boxes for every ReLU; refused with a
+    MethodError where too costly) or "alpha-crown" (CROWN's boxes, the last pass's lower ReLU slopes
+    optimised, ``methods.bounds.alpha``; no gradient). A model with no module in training mode is bounded
+    in chunks of the batch sized to ``memory_bytes``; otherwise (e.g. training-mode BatchNorm, whose statistics are the
     whole batch's) in one piece.
     """
     _check_method(method)
@@ -190,6 +196,9 @@ def _chunk_size(model: nn.Module, x: torch.Tensor, method: str, memory_bytes: in
     specs = logits.shape[1] - 1
     # IBP keeps ~4 tensors per position (box ends, centre, radius); a CROWN step ~4 coefficient tensors.
     per_example = 4 * sum(widths) if method == "ibp" else 4 * specs * max(widths) + 4 * sum(widths)
+    if method == "alpha-crown":
+        # The optimiser's graph keeps every step's coefficients (and α with Adam's two moments).
+        per_example += 4 * specs * sum(widths)
     return max(1, memory_bytes // (per_example * x.element_size()))
 
 
