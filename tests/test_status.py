@@ -74,8 +74,9 @@ def test_slurm_driver_submits_one_array_and_status_asks_sacct(tmp_path: Path, mo
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in printed] == ["4242_0", "4242_1"]
     script = (fake / "job.sh").read_text().splitlines()
+    # Two GPUs per cell: two tasks, one per GPU, that train the cell together (bench.distributed).
     for flag in ("--array=0-1%1", "--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=3", "--time=30",
-                 "--account=proj", "--signal=USR2@90", "--nodes=1", "--ntasks-per-node=1"):
+                 "--account=proj", "--signal=USR2@90", "--nodes=1", "--ntasks-per-node=2"):
         assert f"#SBATCH {flag}" in script, flag
     markers = [JobMarker.read(cell(out, m)) for m in ("ibp", "crown-ibp")]
     assert [m.job for m in markers if m] == ["4242_0", "4242_1"]
