@@ -36,14 +36,6 @@ optimisers' unfinished convergence (measured: at most 2.6e-5), under 1 % of the 
 the comparison is about (asserted above 1e-2)."""
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def theirs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, fixed: bool) -> torch.Tensor:
     bounded = lirpa.BoundedModule(copy.deepcopy(model), torch.zeros_like(x), device="cpu",
                                   bound_opts={"conv_mode": "matrix", "sparse_intermediate_bounds": False,

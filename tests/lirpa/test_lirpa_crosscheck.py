@@ -44,15 +44,6 @@ LIRPA_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN"}
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    # auto_LiRPA 0.3 builds its identity specifications in the default dtype.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def lirpa_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str) -> torch.Tensor:
     bounded = lirpa.BoundedModule(copy.deepcopy(model), torch.zeros_like(x), device="cpu",
                                   bound_opts={"conv_mode": "matrix", "sparse_intermediate_bounds": False})
