@@ -91,8 +91,21 @@ class JobMarker:
             return None
 
 
-class CellTask:
-    """One cell as a submitit job; ``checkpoint`` (called by submitit on preemption or time-out) requeues it."""
+class _Requeued:
+    """``checkpoint`` (called by submitit on preemption or time-out) requeues the same call: a cell's epoch
+    checkpoint, or a slice's missing part file, is all the state a resumed job needs."""
+
+    cell: Cell
+
+    def checkpoint(self) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        print(f"{self.cell.label}: requeued by submitit; it resumes where it stopped", file=sys.stderr)
+        return DelayedSubmission(self)
+
+
+class CellTask(_Requeued):
+    """One cell as a submitit job (training only, when its evaluation runs in slices)."""
 
     def __init__(self, cell: Cell, out: Path, data_dir: Path, device: str, replace_stale: bool,
                  evaluate: bool = True):
@@ -102,27 +115,15 @@ class CellTask:
     def __call__(self) -> str:
         return runner.run_one_cell(self.cell, self.out, self.data_dir, self.device, self.replace_stale, self.evaluate)
 
-    def checkpoint(self) -> Any:
-        """The same call again: the cell's epoch checkpoint is all the state a resumed task needs."""
-        from submitit.helpers import DelayedSubmission
 
-        print(f"{self.cell.label}: requeued by submitit; it resumes after its last finished epoch", file=sys.stderr)
-        return DelayedSubmission(self)
-
-
-class SliceTask:
-    """One slice of a trained cell's evaluation (``--eval-shards``) as a submitit job; requeued like a cell."""
+class SliceTask(_Requeued):
+    """One slice of a trained cell's evaluation (``--eval-shards``) as a submitit job."""
 
     def __init__(self, cell: Cell, out: Path, data_dir: Path, device: str, k: int, n: int):
         self.cell, self.out, self.data_dir, self.device, self.k, self.n = cell, out, data_dir, device, k, n
 
     def __call__(self) -> str:
         return runner.run_one_slice(self.cell, self.out, self.data_dir, self.device, self.k, self.n)
-
-    def checkpoint(self) -> Any:
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self)
 
 
 def _submitit() -> Any:
@@ -211,12 +212,12 @@ def _local_state(marker: JobMarker) -> str:
     return "running"
 
 
-def last_log_line(marker: JobMarker) -> str:
+def last_log_line(log: str | Path) -> str:
     try:
-        lines = [line.strip() for line in Path(marker.log).read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
-        return f"no log at {marker.log}"
-    return lines[-1] if lines else f"empty log {marker.log}"
+        return f"no log at {log}"
+    return lines[-1] if lines else f"empty log {log}"
 
 
 def _submit(executor: Any, tasks: list[Any]) -> list[Any]:
@@ -241,38 +242,40 @@ def _submit_slices(args: argparse.Namespace, executor: Any, todo: list[Cell], ou
         # Training first, one job per cell; the slices need its model.
         jobs = _submit(executor, [CellTask(c, out.resolve(), data_dir, args.device, args.replace_stale, False)
                                   for c in untrained])
-        for cell, job in zip(untrained, jobs):
-            print(f"{job.job_id}\t{cell.label} training")
+        labels = [f"{cell.label} training" for cell in untrained]
+        for label, job in zip(labels, jobs):
+            print(f"{job.job_id}\t{label}")
         if not args.wait:
             print(f"submitted {len(jobs)} training jobs; run the same command again when they have finished to "
                   "submit the evaluation slices (or add --wait)", file=sys.stderr)
             return 0
-        failed += _wait(jobs)
+        failed += _wait(labels, jobs)
     wanted = [args.eval_shard] if args.eval_shard is not None else range(args.eval_shards)
     tasks = [SliceTask(c, out.resolve(), data_dir, args.device, k, args.eval_shards) for c in todo
              if slices.trained(runner.cell_folder(c, out), c) for k in wanted
              if not (runner.cell_folder(c, out) / slices.part_file(k, args.eval_shards)).exists()]
     if tasks:
         jobs = _submit(executor, tasks)
-        for task, job in zip(tasks, jobs):
-            print(f"{job.job_id}\t{task.cell.label} slice {task.k} of {task.n}")
+        labels = [f"{task.cell.label} slice {task.k} of {task.n}" for task in tasks]
+        for label, job in zip(labels, jobs):
+            print(f"{job.job_id}\t{label}")
         print(f"submitted {len(jobs)} evaluation slices ({args.executor}); logs in {executor.folder}", file=sys.stderr)
         if args.wait:
-            failed += _wait(jobs)
+            failed += _wait(labels, jobs)
     if args.wait:
         runner.print_table(out, args.scale, suite)
     return 1 if failed else 0
 
 
-def _wait(jobs: list[Any]) -> int:
-    """Block until the jobs end; the number that failed."""
+def _wait(labels: list[str], jobs: list[Any]) -> int:
+    """Block until the jobs end; name each failed one with the last line of its log; the number that failed."""
     failed = 0
-    for job in jobs:
+    for label, job in zip(labels, jobs):
         try:
-            job.results()
-        except Exception:  # the job's own error, or that it ended without a result
+            job.results()  # every task's result: a cell on N devices is N tasks
+        except Exception:  # submitit raises the job's own error, or that it ended without a result
             failed += 1
-            print(f"  job {job.job_id} failed; its log: {job.paths.stderr}", file=sys.stderr)
+            print(f"  {label}: job {job.job_id} failed: {last_log_line(job.paths.stderr)}", file=sys.stderr)
     return failed
 
 
@@ -305,14 +308,6 @@ def submit_cells(args: argparse.Namespace, suite: Suite, todo: list[Cell], out: 
         print(f"follow them with: python -m bench status --suite {args.suite} --scale {args.scale} --out {out}",
               file=sys.stderr)
         return 0
-    failed = 0
-    for cell, job in zip(cells, jobs):
-        try:
-            job.results()
-        except Exception:  # submitit raises the job's own error, or that it ended without a result
-            failed += 1
-            marker = JobMarker.read(runner.cell_folder(cell, out))
-            print(f"  {cell.label}: job {job.job_id} failed: {last_log_line(marker) if marker else '?'}",
-                  file=sys.stderr)
+    failed = _wait([cell.label for cell in cells], jobs)
     runner.print_table(out, args.scale, suite.name)
     return 1 if failed else 0

@@ -247,14 +247,17 @@ def train_model(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split])
     """Train (or resume) a cell and save its deployed model; returns it and the training seconds."""
     folder = cell_folder(cell, opts.out)
     ranks = distributed.current()
+    config_record = _config_record(cell)
     if ranks.main:
         ensure_writable(folder)
         remove_stale_temporaries(folder)
+        # What a previous model of this cell left: other verifiers' records, evaluation slices, and the
+        # model itself, which would otherwise pass for this config's (config.json is rewritten below)
+        # until training saves the new one.
         for old in [*folder.glob(result_file("*")), *folder.glob("verdicts-*.csv")]:
-            old.unlink()  # other verifiers' records of a previous model of this cell
+            old.unlink()
         slices.remove_parts(folder)
-    config_record = _config_record(cell)
-    if ranks.main:
+        (folder / MODEL).unlink(missing_ok=True)
         atomic_write_json(folder / "config.json", config_record)
     distributed.barrier()
 

@@ -60,49 +60,49 @@ def slice_range(cell: Cell, k: int, n: int) -> tuple[int, int]:
 
 
 def evaluate_slice(cell: Cell, folder: Path, device: torch.device, test: datamod.Split, k: int, n: int,
-                   progress: bool) -> bool:
-    """Evaluate slice ``k`` of ``n`` unless its part exists or another job holds it; True if it ran."""
+                   progress: bool) -> None:
+    """Evaluate slice ``k`` of ``n`` unless its part exists or another job holds it."""
     from bench import load_model
 
     part = folder / part_file(k, n)
     if part.exists():
-        return False
+        return
+    span = slice_range(cell, k, n)
     try:
         with CellLock(folder, f".lock-part-{k}-of-{n}"):
             if part.exists():
-                return False
+                return
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            ev = evaluate(registry.get(cell.method), load_model(folder, str(device)), test, slice_range(cell, k, n),
-                          float(cell.eps), AttackPlan.of(cell.scale), cell.scale.eval_batch_size, device, cell.seed,
-                          None, progress=progress)
+            ev = evaluate(registry.get(cell.method), load_model(folder, str(device)), test, span, float(cell.eps),
+                          AttackPlan.of(cell.scale), cell.scale.eval_batch_size, device, cell.seed, None,
+                          progress=progress)
             rows = [dict(zip(VERDICT_COLUMNS, (str(v) for v in row))) for row in ev.rows()]
-            atomic_write_json(part, {"slice": [k, n], "range": list(slice_range(cell, k, n)), "started": started,
+            atomic_write_json(part, {"slice": [k, n], "range": list(span), "started": started,
                                      "certifier": ev.certifier, "timings_s": ev.timings_s, "rows": rows})
     except CellBusy as busy:
         print(f"  slice {k} of {n}: another job holds it ({busy})", file=sys.stderr)
-        return False
-    print(f"  slice {k} of {n} (test points {ev.index[0] if ev.n else '-'}..{ev.index[-1] if ev.n else '-'}): "
-          f"clean {sum(ev.clean)}, certified {sum(ev.certified)} of {ev.n}", file=sys.stderr)
-    return True
+        return
+    print(f"  slice {k} of {n} (test points [{span[0]}, {span[1]})): clean {sum(ev.clean)}, certified "
+          f"{sum(ev.certified)} of {ev.n}", file=sys.stderr)
 
 
 def merged(folder: Path, n: int) -> tuple[Evaluation, str] | None:
     """The slices' merged evaluation and the earliest start, once every part of ``n`` is there."""
-    parts = []
+    evaluations, starts = [], []
     for k in range(n):
+        path = folder / part_file(k, n)
         try:
-            parts.append(json.loads((folder / part_file(k, n)).read_text()))
+            part = json.loads(path.read_text())
+            ev = Evaluation.from_rows(part["rows"], part["certifier"])
+            ev.timings_s = dict(part["timings_s"])
+            starts.append(str(part["started"]))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise BenchError(f"{folder / part_file(k, n)} is corrupt ({exc.__class__.__name__}): delete it "
-                             "and run the slice again") from None
-    evaluations = []
-    for p in parts:
-        ev = Evaluation.from_rows(p["rows"], p["certifier"])
-        ev.timings_s = dict(p["timings_s"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BenchError(f"{path} is corrupt ({exc.__class__.__name__}): delete it and run the slice again") \
+                from None
         evaluations.append(ev)
-    return merge(evaluations), min(p["started"] for p in parts)
+    return merge(evaluations), min(starts)
 
 
 def remove_parts(folder: Path) -> None:

@@ -45,7 +45,7 @@ def cell_lines(cells: list[Cell], out: Path) -> list[tuple[str, Cell, str]]:
         elif marker is not None and jobs[cell] != "ended":
             state, detail = jobs[cell], f"job {marker.job}{started}"
         elif marker is not None:
-            state, detail = "failed", f"job {marker.job}: {last_log_line(marker)}{started}"
+            state, detail = "failed", f"job {marker.job}: {last_log_line(marker.log)}{started}"
         lines.append((state, cell, detail))
     return lines
 

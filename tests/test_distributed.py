@@ -243,3 +243,31 @@ def test_a_slice_job_never_trains(tmp_path: Path, data_dir: Path) -> None:
     done = _run(["--methods", "ibp", "--out", str(tmp_path), "--eval-shards", "2", "--eval-shard", "1"], data_dir)
     assert done.returncode == 1 and "not trained yet" in done.stderr
     assert not (_cell(tmp_path, "ibp") / "checkpoint.pt").exists()
+
+
+def test_retraining_never_lets_the_previous_model_pass_for_the_new_config(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale cell retrained with --replace-stale and killed mid-training: its config.json is already the
+    new config's, so the previous model.pt must be gone, or a slice job would evaluate it as this config's."""
+    from dataclasses import replace
+
+    from bench import runner, slices
+    from bench.store import dump_config
+
+    (cell,) = load_suite("mnist").cells("smoke", ["ibp"], [Fraction(1, 10)], [0], {})
+    folder = runner.cell_folder(cell, tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": dump_config(cell.config)}))
+    (folder / runner.MODEL).write_bytes(b"the previous model")
+    assert slices.trained(folder, cell)
+    retrained = replace(cell, config={**cell.config, "epochs": int(cell.config["epochs"]) + 1})
+
+    def killed(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_cell", killed)
+    opts = runner.RunOptions(tmp_path, tmp_path, torch.device("cpu"), False, {})
+    empty = datamod.Split(torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(KeyboardInterrupt):
+        runner.train_model(retrained, opts, {True: empty, False: empty})
+    assert not (folder / runner.MODEL).exists() and not slices.trained(folder, retrained)
