@@ -44,10 +44,10 @@ def _worker(suite: str, scale: str, method: str, eps: str, steps: int, out: str)
     torch.manual_seed(0)
     model = m.build(info, cell.config)
     batches = datamod.TrainBatches(train, int(cell.config["batch_size"]), m.augmentation(info, cell.config), 0, device)
-    # An epoch in the ε ramp, so that the bound-based recipes run their bounds.
-    epoch = min(int(cell.config.get("ramp_start", cell.config.get("p_start_epoch", 1))) + 1,
-                int(cell.config["epochs"]) - 1)
     recipe = m.recipe(model, info, cell.config, cell.eps, len(batches))
+    # The last epoch: every recipe at its full training loss (bounds at ε_train, p at its final value),
+    # known from the recipe rather than from any one method's config keys.
+    epoch = recipe.epochs - 1
     examples, start = 0, 0.0
     for k, (x, y) in enumerate(batches.epoch(epoch)):
         if k == WARMUP:
