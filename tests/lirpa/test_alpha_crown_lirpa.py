@@ -24,6 +24,9 @@ except ImportError:
         raise
     pytest.skip("auto_LiRPA runs in its own environment: tox -e lirpa", allow_module_level=True)
 
+# The fixture lives in tests/conftest.py: a conftest.py here would shadow it for `from conftest import ...`.
+pytestmark = pytest.mark.usefixtures("float64")
+
 from methods.bounds import input_box, margin_lower_bounds, margin_spec  # noqa: E402
 from methods.bounds.alpha import alpha_crown_margins  # noqa: E402
 from methods.bounds.engine import BoundNet  # noqa: E402

@@ -33,6 +33,9 @@ except ImportError:
         raise
     pytest.skip("auto_LiRPA runs in its own environment: tox -e lirpa", allow_module_level=True)
 
+# The fixture lives in tests/conftest.py: a conftest.py here would shadow it for `from conftest import ...`.
+pytestmark = pytest.mark.usefixtures("float64")
+
 from bench.config import load_suite  # noqa: E402
 from bench.data import dataset_info  # noqa: E402
 from methods import base as registry  # noqa: E402
