@@ -75,10 +75,14 @@ class MethodCard:
 
 @dataclass
 class Certificate:
-    """Per-sample certification result: ``certified`` (B,) bool and the verifier that produced it."""
+    """Per-sample certification result: ``certified`` (B,) bool and the verifier that produced it.
+
+    ``falsified`` (B,) bool, from a complete verifier only: points with a counterexample that the
+    float32 model misclassifies (checked by a forward pass); ``None`` for verifiers that never falsify."""
 
     certified: torch.Tensor
     certifier: str
+    falsified: torch.Tensor | None = None
 
 
 @dataclass

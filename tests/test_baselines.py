@@ -285,7 +285,7 @@ def test_certified_points_of_a_trained_smoke_model_survive_attacks(method_name: 
     robust &= random_robust(model, x, y, float(eps), samples=200, generator=gen)
     counts = {}
     for certifier in method.certifiers:
-        n = 3 if certifier in ("crown", "alpha-crown") else 200
+        n = 3 if certifier in ("crown", "alpha-crown", "milp") else 200
         cert = method.certify(model, x[:n], y[:n], float(eps), certifier).certified
         assert not (cert & ~robust[:n]).any(), f"{certifier} certified points that an attack breaks"
         counts[certifier] = int(cert.sum())

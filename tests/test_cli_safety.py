@@ -341,7 +341,7 @@ def test_bad_seeds_fail_at_once(seeds: str, needle: str, tmp_path: Path) -> None
 
 def test_unknown_certifier_lists_the_known(tmp_path: Path) -> None:
     proc = bench_cli("run", "--suite", "mnist", "--certifier", "nope", "--dry-run", "--out", str(tmp_path))
-    assert "unknown certifier 'nope'; known: alpha-crown, crown, crown-ibp, ibp, linf-interval" in one_line_error(proc)
+    assert "unknown certifier 'nope'; known: alpha-crown, crown, crown-ibp, ibp, linf-interval, milp" in one_line_error(proc)
 
 
 def test_every_verb_takes_out_and_results(finished: Path) -> None:

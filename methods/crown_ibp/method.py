@@ -15,13 +15,15 @@ from torch import nn
 
 from methods.base import Augmentation, Certificate, DatasetInfo, Method, MethodError, Recipe
 from methods.bounds import BOUND_METHODS, certify_margins, require_eval
+from methods.bounds.milp import milp_certify
 from methods.cnn import architecture, build_cnn, ibp_init
 from methods.crown_ibp.config import TrainConfig
 from methods.crown_ibp.recipe import BoundTrainingRecipe
 
 
 class BoundTrainedCNN(Method):
-    certifiers: ClassVar[tuple[str, ...]] = BOUND_METHODS
+    certifiers: ClassVar[tuple[str, ...]] = (*BOUND_METHODS, "milp")
+    """The bound engine's verifiers, from the loosest, then the exact MILP (``methods.bounds.milp``)."""
     fixed: ClassVar[Mapping[str, Any]] = {}
 
     def config(self, cfg: Mapping[str, Any]) -> TrainConfig:
@@ -64,6 +66,9 @@ class BoundTrainedCNN(Method):
         if name not in self.certifiers:
             raise MethodError(f"unknown certifier {name!r} for {self.name}; known: {', '.join(self.certifiers)}")
         require_eval(model)
+        if name == "milp":
+            certified, falsified = milp_certify(model, x, y, float(eps))
+            return Certificate(certified=certified, certifier=name, falsified=falsified)
         with torch.no_grad():
             decision = certify_margins(model, x, y, float(eps), name)
         return Certificate(certified=decision, certifier=name)
