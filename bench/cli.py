@@ -22,6 +22,7 @@ _VERB_MODULES = (
     "bench.report",
     "bench.regress",
     "bench.status",
+    "bench.cascade",
 )
 
 

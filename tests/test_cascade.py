@@ -1,0 +1,70 @@
+"""``bench cascade`` on the committed fixed MNIST ibp checkpoint: each stage sees only the points the
+stages before left open, every point ends certified, falsified or unknown with what decided it, and the
+cell's own files are left as they were."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+pytest.importorskip("highspy")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED_IBP = ROOT / "results/baselines/fixed/smoke/mnist/mnist/eps_1-10/ibp/seed0"
+KEY = Path("smoke/mnist/mnist/eps_1-10/ibp/seed0")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+@pytest.mark.skipif(not FIXED_IBP.exists(), reason="fixed checkpoints not present")
+def test_cascade_on_a_fixed_checkpoint(tmp_path, data_dir, one_thread):
+    before = digests(FIXED_IBP)
+    assert main(["cascade", str(FIXED_IBP), "--points", "40", "--stages", "crown,ibp,milp", "--into", str(tmp_path),
+                 "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert digests(FIXED_IBP) == before
+    record = json.loads((tmp_path / KEY / "cascade.json").read_text())
+    with open(tmp_path / KEY / "cascade-verdicts.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(FIXED_IBP / "verdicts.csv") as fh:
+        recorded = list(csv.DictReader(fh))[:40]
+    assert [int(r["index"]) for r in rows] == list(range(40))
+    assert record["counts"] == {"n": 40, **{v: sum(r["verdict"] == v for r in rows)
+                                            for v in ("certified", "falsified", "unknown")}}
+    for row, old in zip(rows, recorded):
+        if old["clean"] == "0":
+            assert (row["verdict"], row["decided_by"]) == ("falsified", "clean")
+        elif old["pgd"] == "0":
+            assert (row["verdict"], row["decided_by"]) == ("falsified", "pgd")
+        if row["verdict"] == "certified":
+            assert row["decided_by"] in ("crown", "ibp", "milp")
+    stages = record["stages"]
+    assert [s["name"] for s in stages] == ["apgd", "crown", "ibp", "milp"]
+    open_points = 40 - sum(r["clean"] == "0" or r["pgd"] == "0" for r in recorded)
+    for stage in stages:
+        # Each stage tries exactly what the stages before left unknown.
+        assert stage["tried"] == open_points
+        open_points -= stage["certified"] + stage["falsified"]
+        assert stage["unknown_after"] == open_points
+    assert sum(s["certified"] for s in stages) == record["counts"]["certified"]
+
+
+def test_cascade_refuses_a_verifier_the_method_lacks(tmp_path, capsys):
+    if not FIXED_IBP.exists():
+        pytest.skip("fixed checkpoints not present")
+    assert main(["cascade", str(FIXED_IBP), "--stages", "linf-interval", "--into", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1:] == ["error: ibp has no verifier linf-interval; its verifiers: ibp, crown-ibp, crown, alpha-crown, milp"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_cascade_refuses_a_folder_that_is_no_cell(tmp_path, capsys):
+    assert main(["cascade", str(tmp_path)]) == 2
+    assert "not a finished cell" in capsys.readouterr().err
