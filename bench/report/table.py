@@ -23,9 +23,11 @@ from methods.base import MethodCard, ReferenceRow
 
 METRICS = ("clean", "pgd", "apgd", "certified")
 """``apgd``: accuracy under PGD and the APGD ensemble, the strongest attack; "-" where it did not run."""
-COLUMNS = ("Dataset", "ε", "Method", "Reference", "Clean", "PGD", "APGD", "Certified", "Δ Cert.", "Certifier", "n",
-           "Wall")
-NUMERIC_COLUMNS = ("Clean", "PGD", "APGD", "Certified", "Δ Cert.", "n", "Wall")
+COLUMNS = ("Dataset", "ε", "Method", "Reference", "Clean", "PGD", "APGD", "Certified", "Unknown", "Δ Cert.",
+           "Certifier", "n", "Wall")
+NUMERIC_COLUMNS = ("Clean", "PGD", "APGD", "Certified", "Unknown", "Δ Cert.", "n", "Wall")
+"""``Unknown``: the unknown band, accuracy under the strongest attack that ran (APGD, else PGD) minus
+certified accuracy, in points: test points that neither a verifier certified nor an attack broke."""
 ASSUMED_MARK = "§"
 """The footnote (``results/reference/notes.csv``) of our rows whose config holds a value we assumed."""
 
@@ -67,6 +69,14 @@ class TableRow:
     n_examples: str = ""
     wall_s: float | None = None
     """Median wall time of one run in seconds (train + evaluate)."""
+
+    @property
+    def unknown_band(self) -> float | None:
+        """Median accuracy under the strongest attack that ran minus median certified accuracy (fraction)."""
+        attack = self.apgd or self.pgd
+        if not self.ours or attack is None or self.certified is None:
+            return None
+        return attack.median - self.certified.median
 
 
 def build_rows(runs: Sequence[Run], reference: Sequence[ReferenceRow],
@@ -163,6 +173,10 @@ def delta_text(delta: float | None) -> str:
     return "" if delta is None else f"{100 * delta:+.2f}".replace("-", "−")
 
 
+def band_text(band: float | None) -> str:
+    return "" if band is None else f"{100 * band:.2f}"
+
+
 def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -192,6 +206,7 @@ def display_frame(rows: Sequence[TableRow], note_marks: Mapping[str, str]) -> pd
             stat_text(row.pgd),
             stat_text(row.apgd),
             stat_text(row.certified),
+            band_text(row.unknown_band),
             delta_text(row.delta),
             row.certifier,
             row.n_examples,
@@ -218,6 +233,7 @@ def numeric_frame(rows: Sequence[TableRow], scale: str, suite: str) -> pd.DataFr
             record[f"{metric}_pct"] = pct(stat.median if stat else None)
             record[f"{metric}_min_pct"] = pct(stat.low if stat and row.ours else None)
             record[f"{metric}_max_pct"] = pct(stat.high if stat and row.ours else None)
+        record["unknown_band_pct"] = pct(row.unknown_band)
         record["delta_certified_pct"] = pct(row.delta)
         record["seeds"] = " ".join(str(s) for s in row.seeds)
         record["certifier"] = row.certifier
