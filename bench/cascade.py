@@ -217,7 +217,63 @@ def _first(previous: Evaluation, points: int) -> Evaluation:
                       None if previous.apgd is None else previous.apgd[:k], previous.broken_by[:k])
 
 
+def summary(root: Path) -> tuple[str, bytes]:
+    """The cascade records under ``root`` as a markdown table (per cell and stage: points tried, decided,
+    unknown left, seconds per point) and a PNG of the unknown band after each stage, in % of the points."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    records = []
+    for path in sorted(root.rglob(CASCADE_FILE)):
+        try:
+            records.append((path.parent.relative_to(root).as_posix(), json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"{path} is unreadable ({exc.__class__.__name__})") from None
+    if not records:
+        raise BenchError(f"no {CASCADE_FILE} under {root}")
+    lines = ["| Cell | n | Stage | Tried | Certified | Falsified | Unknown left | s / point |",
+             "|---|---|---|---|---|---|---|---|"]
+    figure = Figure(figsize=(7, 4.2))
+    axes = figure.add_subplot()
+    for key, record in records:
+        n = record["counts"]["n"]
+        attacked = n - record["stages"][0]["tried"] if record["stages"] else n
+        band = [100 * (record["stages"][0]["tried"] if record["stages"] else 0) / n]
+        names = ["attacks"]
+        for stage in record["stages"]:
+            per_point = stage["seconds_per_point"]
+            lines.append(f"| {key} | {n} | {stage['name']} | {stage['tried']} | {stage['certified']} | "
+                         f"{stage['falsified']} | {stage['unknown_after']} | "
+                         f"{'' if per_point is None else f'{per_point:.3f}'} |")
+            band.append(100 * stage["unknown_after"] / n)
+            names.append(stage["name"])
+        lines.append(f"| {key} | {n} | final | | {record['counts']['certified']} | {record['counts']['falsified']} "
+                     f"(clean or recorded attacks: {attacked}) | {record['counts']['unknown']} | |")
+        axes.plot(range(len(band)), band, marker="o", label=key)
+        axes.set_xticks(range(len(names)), names)
+    axes.set_ylabel("unknown (% of points): neither certified nor broken")
+    axes.set_xlabel("after stage (each on the points the ones before left open)")
+    axes.legend(fontsize=6)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=120, metadata={"Software": None})
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
 def cascade_command(args: argparse.Namespace) -> int:
+    if args.summary is not None:
+        from bench.store import atomic_write_bytes
+
+        root = Path(args.summary)
+        table, png = summary(root)
+        atomic_write_bytes(root / "cascade.md", table.encode())
+        atomic_write_bytes(root / "cascade.png", png)
+        print(table, end="")
+        return 0
+    if not args.cells:
+        raise BenchError("name finished cell folders, or --summary DIR")
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     for folder in args.cells:
         print(f"{folder}:", file=sys.stderr)
@@ -231,7 +287,9 @@ def cascade_command(args: argparse.Namespace) -> int:
 def register_verb(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cascade", help="certified / falsified / unknown per test point of finished cells: "
                                        "attacks, then the method's verifiers in order, each on what is left")
-    p.add_argument("cells", nargs="+", metavar="CELL", help="finished cell folders (or fixed-checkpoint folders)")
+    p.add_argument("cells", nargs="*", metavar="CELL", help="finished cell folders (or fixed-checkpoint folders)")
+    p.add_argument("--summary", metavar="DIR", help="instead: tabulate every cascade.json under DIR into DIR/cascade.md "
+                                                    "and draw the unknown band per stage into DIR/cascade.png")
     p.add_argument("--stages", help="comma-separated verifiers in order (default: the method's own, loosest first)")
     p.add_argument("--points", type=int, help="only the first N points of the cell's test range")
     p.add_argument("--into", metavar="DIR", help="write the files under DIR in the store's layout instead of "

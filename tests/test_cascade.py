@@ -54,6 +54,12 @@ def test_cascade_on_a_fixed_checkpoint(tmp_path, data_dir, one_thread):
         open_points -= stage["certified"] + stage["falsified"]
         assert stage["unknown_after"] == open_points
     assert sum(s["certified"] for s in stages) == record["counts"]["certified"]
+    # The summary tabulates each stage and draws the band.
+    assert main(["cascade", "--summary", str(tmp_path)]) == 0
+    table = (tmp_path / "cascade.md").read_text().splitlines()
+    assert len(table) == 2 + len(stages) + 1
+    assert table[2].startswith(f"| {KEY.as_posix()} | 40 | apgd | {stages[0]['tried']} |")
+    assert (tmp_path / "cascade.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cascade_refuses_a_verifier_the_method_lacks(tmp_path, capsys):
