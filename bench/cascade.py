@@ -219,7 +219,7 @@ def _first(previous: Evaluation, points: int) -> Evaluation:
 
 def summary(root: Path) -> tuple[str, bytes]:
     """The cascade records under ``root`` as a markdown table (per cell and stage: points tried, decided,
-    unknown left, seconds per point) and a PNG of the unknown band after each stage, in % of the points."""
+    unknown left, seconds per point) and a PNG of the unknown band after each verifier, in % of the points."""
     import io
 
     from matplotlib.figure import Figure
@@ -239,21 +239,21 @@ def summary(root: Path) -> tuple[str, bytes]:
     for key, record in records:
         n = record["counts"]["n"]
         attacked = n - record["stages"][0]["tried"] if record["stages"] else n
-        band = [100 * (record["stages"][0]["tried"] if record["stages"] else 0) / n]
-        names = ["attacks"]
+        band, names = [], []
         for stage in record["stages"]:
             per_point = stage["seconds_per_point"]
             lines.append(f"| {key} | {n} | {stage['name']} | {stage['tried']} | {stage['certified']} | "
                          f"{stage['falsified']} | {stage['unknown_after']} | "
                          f"{'' if per_point is None else f'{per_point:.3f}'} |")
-            band.append(100 * stage["unknown_after"] / n)
-            names.append(stage["name"])
+            if stage["name"] != ATTACK_STAGE:
+                band.append(100 * stage["unknown_after"] / n)
+                names.append(stage["name"])
         lines.append(f"| {key} | {n} | final | | {record['counts']['certified']} | {record['counts']['falsified']} "
                      f"(clean or recorded attacks: {attacked}) | {record['counts']['unknown']} | |")
         axes.plot(range(len(band)), band, marker="o", label=key)
         axes.set_xticks(range(len(names)), names)
-    axes.set_ylabel("unknown (% of points): neither certified nor broken")
-    axes.set_xlabel("after stage (each on the points the ones before left open)")
+    axes.set_ylabel("unknown band (% of points)")
+    axes.set_xlabel("after verifier (each on the points the attacks and verifiers before left open)")
     axes.legend(fontsize=6)
     axes.grid(alpha=0.3)
     figure.tight_layout()
