@@ -13,7 +13,9 @@ Layout: ``<out>/<scale>/<suite>/<dataset>/eps_<a>-<b>/<method>/seed<N>/`` holdin
 - ``model.pt``     final weights (``state_dict``; loaded with ``weights_only=True``);
 - ``checkpoint.pt`` the last finished epoch (model, recipe and RNG state) while the cell is partial;
 - ``result-<certifier>.json`` and ``verdicts-<certifier>.csv`` (optional): the same model certified by
-  another verifier (``run --certifier``), one pair per verifier.
+  another verifier (``run --certifier``), one pair per verifier;
+- ``cascade.json`` and ``cascade-verdicts.csv`` (optional): every point certified / falsified / unknown
+  after attacks and the method's verifiers in turn (``bench cascade``, ``bench/cascade.py``).
 
 ``result.json`` (``SCHEMA_VERSION`` 1)::
 
