@@ -647,7 +647,7 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="dataset folder (default: $BENCH_DATA_DIR or ~/.cache/certbench/data)")
     add_out_argument(p, "where the cells' folders are written and resumed from")
     p.add_argument("--certifier", help="also certify every cell's model with this verifier (ibp, crown-ibp, crown, "
-                                       "alpha-crown, linf-interval; default: only the method's own); written "
+                                       "alpha-crown, milp, linf-interval; default: only the method's own); written "
                                        "beside the cell as result-<certifier>.json")
     p.add_argument("--attack", choices=ATTACKS,
                    help="pgd: the scale's PGD only; apgd: also the APGD-CE + APGD-T ensemble in a column of its own "
