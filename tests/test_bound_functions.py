@@ -100,6 +100,89 @@ def test_channel_affine_transpose_and_concretize_are_differentiable() -> None:
     assert torch.autograd.gradcheck(concretize, (flat, centre, radius), fast_mode=True)
 
 
+# --- the fused C++ steps (float32 CPU) -----------------------------------------------------------------
+
+F32 = torch.float32
+
+
+def summation_bound(terms: torch.Tensor, dim: int) -> torch.Tensor:
+    """γ_n · Σ|terms|: how far a float32 sum of n float32 terms, in any order, may be from the exact sum."""
+    n = terms.shape[dim]
+    unit = 2.0**-24
+    return n * unit / (1 - n * unit) * terms.abs().sum(dim)
+
+
+@pytest.mark.parametrize("neurons", [37, 48], ids=["tail", "whole-lanes"])
+def test_fused_relu_relaxation_equals_the_torch_products(monkeypatch: pytest.MonkeyPatch, neurons: int) -> None:
+    monkeypatch.setenv("CERTBENCH_KERNELS", "fast")  # an error, not a silent fallback, if it cannot be built
+    lower_slope, upper_slope, intercept = (t.to(F32) for t in relaxation(4, batch=5, neurons=neurons))
+    gen = torch.Generator().manual_seed(5)
+    lam = torch.randn(5, 9, neurons, generator=gen)
+    lam[lam.abs() < 0.2] = 0  # ties: lam = 0 takes the lower line
+    grad, grad_offset = torch.randn(5, 9, neurons, generator=gen), torch.randn(5, 9, generator=gen)
+    lam.requires_grad_(True)
+    upper_slope.requires_grad_(True)
+    intercept.requires_grad_(True)
+    lam_in, offset = relu_relaxation(lam, lower_slope, upper_slope, intercept)
+    grads = torch.autograd.grad((lam_in, offset), (lam, upper_slope, intercept), (grad, grad_offset))
+    lam, upper_slope, intercept = lam.detach(), upper_slope.detach(), intercept.detach()
+    positive = lam >= 0
+    # Every relaxed coefficient and every entry of the coefficient gradient: the same rounded products.
+    assert torch.equal(lam_in, torch.where(positive, lam * lower_slope[:, None], lam * upper_slope[:, None]))
+    expected_grad = torch.where(positive, grad * lower_slope[:, None],
+                                grad * upper_slope[:, None] + grad_offset[:, :, None] * intercept[:, None])
+    assert torch.equal(grads[0], expected_grad)
+    # Sums: within float32 summation error of the exact sums of the same float32 products.
+    negative = lam.clamp(max=0)
+    for got, terms, dim in ((offset, negative * intercept[:, None], 2), (grads[1], grad * negative, 1),
+                            (grads[2], grad_offset[:, :, None] * negative, 1)):
+        exact = terms.double().sum(dim)
+        assert ((got.double() - exact).abs() <= summation_bound(terms.double(), dim)).all()
+
+
+def test_fused_concretize_equals_the_torch_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTBENCH_KERNELS", "fast")
+    gen = torch.Generator().manual_seed(6)
+    lam = torch.randn(4, 9, 53, generator=gen)
+    lam[lam.abs() < 0.2] = 0
+    centre, radius = torch.rand(4, 53, generator=gen), torch.rand(4, 53, generator=gen) / 10
+    grad = torch.randn(4, 9, generator=gen)
+    lam.requires_grad_(True)
+    bound = concretize(lam, centre, radius)
+    (grad_lam,) = torch.autograd.grad(bound, lam, grad)
+    lam = lam.detach()
+    assert torch.equal(grad_lam, (centre[:, None] - radius[:, None] * lam.sign()) * grad[:, :, None])
+    linear, spread = lam * centre[:, None], lam.abs() * radius[:, None]
+    exact = linear.double().sum(2) - spread.double().sum(2)
+    slack = summation_bound(linear.double(), 2) + summation_bound(spread.double(), 2)
+    # The two sums' errors, then one rounding of their difference.
+    assert ((bound.double() - exact).abs() <= slack + 2.0**-24 * exact.abs() * 2).all()
+
+
+def test_crown_ibp_uses_the_fused_steps_in_float32_with_the_same_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from methods.bounds import fused
+
+    model = cnn(7, batchnorm=True).float().train()
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.rand(6, 3, 12, 12, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    calls = []
+    original = fused.relu_forward
+    monkeypatch.setattr(fused, "relu_forward", lambda *a: calls.append(1) or original(*a))
+    results = {}
+    for mode in ("reference", "fast"):
+        monkeypatch.setenv("CERTBENCH_KERNELS", mode)
+        bound = compute_margin_bounds(model, x, y, 0.02, ("crown-ibp",)).margins["crown-ibp"]
+        results[mode] = (bound, torch.autograd.grad(bound.sum(), list(model.parameters())))
+    assert calls, "the float32 CPU pass did not take the fused ReLU step"
+    (reference, reference_grads), (fast, fast_grads) = results.values()
+    # Only the order of float32 sums differs (here at most 2e-7 of the largest entry), while a wrong index,
+    # sign or line changes entries by the order of the largest one. Gradients are compared as one vector:
+    # the biases before BatchNorm have an exact gradient of 0, so theirs is rounding noise on both sides.
+    assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+    fast_vector, reference_vector = (torch.cat([g.flatten() for g in gs]) for gs in (fast_grads, reference_grads))
+    assert (fast_vector - reference_vector).abs().max() <= 1e-5 * reference_vector.abs().max()
+
+
 # --- whole CROWN-IBP bounds against a plain layer-by-layer backward pass --------------------------------
 
 def plain_crown_ibp(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:

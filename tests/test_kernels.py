@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 
+from methods import native
 from methods.linf_dist import kernels, reference
 from methods.linf_dist.exact import (
     bf_interval,
@@ -311,12 +312,12 @@ def test_environment_variable_selects_the_backend(monkeypatch) -> None:
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch) -> None:
-    def broken() -> None:
+    def broken(*args: object) -> None:
         raise OSError("no compiler")
 
-    monkeypatch.setattr(cpu, "_build", broken)
-    monkeypatch.setattr(cpu, "_ext", None)
-    monkeypatch.setattr(cpu, "_error", None)
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(cpu._EXTENSION, "_module", None)
+    monkeypatch.setattr(cpu._EXTENSION, "error", None)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     x = torch.zeros(2, 3)
     with pytest.warns(RuntimeWarning, match="could not be built"):

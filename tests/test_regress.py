@@ -310,19 +310,19 @@ def test_a_certifier_at_1_1_eps_fails_the_committed_fixed_checkpoints(
 
 
 def test_the_kernel_isa_is_chosen_by_env_and_keys_the_build(monkeypatch: pytest.MonkeyPatch):
-    """The gate's "different CPU" check builds the fused kernels for AVX2 on an AVX-512 machine
-    (BENCH_CPU_ISA); each ISA's flags differ, and the flags are hashed into the extension's name."""
+    """The gate's "different CPU" check builds the C++ extensions for AVX2 on an AVX-512 machine
+    (BENCH_CPU_ISA); each ISA's flags differ, and the flags are hashed into each extension's name."""
     from methods.base import MethodError
-    from methods.linf_dist.kernels import cpu
+    from methods import native
 
-    if cpu.platform.machine().lower() not in ("x86_64", "amd64"):
+    if native.platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("ISA levels are x86-64 only")
     flags = {}
     for isa in ("native", "avx2", "avx512"):
-        monkeypatch.setenv(cpu.ISA_ENV, isa)
-        flags[isa] = cpu._flags()
+        monkeypatch.setenv(native.ISA_ENV, isa)
+        flags[isa] = native.compiler_flags()
     assert "-march=x86-64-v3" in flags["avx2"] and "-march=x86-64-v4" in flags["avx512"]
     assert len({" ".join(f) for f in flags.values()}) == 3
-    monkeypatch.setenv(cpu.ISA_ENV, "avx9")
+    monkeypatch.setenv(native.ISA_ENV, "avx9")
     with pytest.raises(MethodError, match="BENCH_CPU_ISA='avx9': choose one of native, avx2, avx512"):
-        cpu._flags()
+        native.compiler_flags()

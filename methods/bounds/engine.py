@@ -86,15 +86,16 @@ class BoundNet:
         if chunk >= lam.shape[0]:
             return self._backward(lam, position, relu_boxes, x_box, slopes)
 
-        def rows(t: torch.Tensor, start: int) -> torch.Tensor:
-            return t[start : start + chunk]
-
+        # split(), not one slice per piece: autograd then joins the pieces' gradients in one concatenation,
+        # where slices would each scatter into a zero tensor of the whole batch's size.
+        lams = lam.split(chunk)
+        boxes = {i: (lower.split(chunk), upper.split(chunk)) for i, (lower, upper) in relu_boxes.items()}
+        x_lower, x_upper = x_box[0].split(chunk), x_box[1].split(chunk)
+        pieces = {i: a.split(chunk) for i, a in slopes.items()}
         return torch.cat([
-            self._backward(
-                rows(lam, s), position, {i: (rows(l, s), rows(u, s)) for i, (l, u) in relu_boxes.items()},
-                (rows(x_box[0], s), rows(x_box[1], s)), {i: rows(a, s) for i, a in slopes.items()},
-            )
-            for s in range(0, lam.shape[0], chunk)
+            self._backward(lams[k], position, {i: (ls[k], us[k]) for i, (ls, us) in boxes.items()},
+                           (x_lower[k], x_upper[k]), {i: a[k] for i, a in pieces.items()})
+            for k in range(len(lams))
         ])
 
     def _backward(self, lam: torch.Tensor, position: int, relu_boxes: Mapping[int, Box], x_box: Box,

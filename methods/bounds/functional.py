@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from methods.bounds import fused
+
 IMAGE_CHANNELS = 4
 """A transposed convolution onto at most this many channels (the first layer, on the image) runs torch's
 direct kernel, elsewhere oneDNN's data-gradient kernel. Measured per call at the DM models' shapes (batch
@@ -147,6 +149,9 @@ class _Concretize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, lam: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(lam, centre, radius)
+        ctx.fused = fused.extension_for(lam, centre, radius)
+        if ctx.fused is not None:
+            return fused.concretize_forward(ctx.fused, lam, centre, radius)
         return (torch.bmm(lam, centre.unsqueeze(2)) - torch.bmm(lam.abs(), radius.unsqueeze(2))).squeeze(2)
 
     @staticmethod
@@ -156,7 +161,9 @@ class _Concretize(torch.autograd.Function):
         lam, centre, radius = ctx.saved_tensors
         grad_lam = grad_centre = grad_radius = None
         rows = grad.unsqueeze(1)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.fused is not None:
+            grad_lam = fused.concretize_backward(ctx.fused, lam, centre, radius, grad.contiguous())
+        elif ctx.needs_input_grad[0]:
             # g·(c − r·sign(lam)), built in place in one buffer.
             grad_lam = lam.sign().mul_(-radius.unsqueeze(1)).add_(centre.unsqueeze(1)).mul_(grad.unsqueeze(2))
         if ctx.needs_input_grad[1]:
@@ -179,6 +186,10 @@ class _ReluRelaxation(torch.autograd.Function):
     def forward(
         ctx: Any, lam: torch.Tensor, lower_slope: torch.Tensor, upper_slope: torch.Tensor, intercept: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.fused = fused.extension_for(lam, lower_slope, upper_slope, intercept)
+        if ctx.fused is not None:
+            ctx.save_for_backward(lam, lower_slope, upper_slope, intercept)
+            return fused.relu_forward(ctx.fused, lam, lower_slope, upper_slope, intercept)
         # One of the two parts is exactly 0, so every coefficient is one rounded product, as in the plain
         # formulation (the rounding analysis in methods.bounds.rounding relies on that).
         lam_in = lam.clamp(min=0).mul_(lower_slope.unsqueeze(1))
@@ -192,6 +203,12 @@ class _ReluRelaxation(torch.autograd.Function):
     def backward(
         ctx: Any, grad_in: torch.Tensor, grad_offset: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, torch.Tensor | None]:
+        if ctx.fused is not None:
+            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+            grad_lam, grad_upper, grad_intercept = fused.relu_backward(
+                ctx.fused, *ctx.saved_tensors, grad_in.contiguous(), grad_offset.contiguous(), needs
+            )
+            return grad_lam, None, grad_upper, grad_intercept
         negative, lower_slope, upper_slope, intercept = ctx.saved_tensors
         grad_in = grad_in.contiguous()
         grad_lam = grad_upper = grad_intercept = None

@@ -11,31 +11,19 @@
 - Anything else, or when the fast path cannot be built (one warning, then the reference for the rest of
   the process): ``methods.linf_dist.reference``.
 
-The environment variable ``CERTBENCH_KERNELS`` forces the choice and is read at every call:
+The environment variable ``CERTBENCH_KERNELS`` (``methods.native``) forces the choice and is read at every call:
 ``auto`` (default) as above; ``reference`` always the reference; ``fast`` the fast backend or an error
 (``RuntimeError``) if it cannot be built, never a silent fallback.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
 from methods.linf_dist import reference
-
-ENV_VAR = "CERTBENCH_KERNELS"
-MODES = ("auto", "fast", "reference")
-
-
-def mode() -> str:
-    """The backend mode from ``CERTBENCH_KERNELS`` (``auto`` when unset or empty)."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(MODES)}")
-    return value
-
+from methods.native import ENV_VAR, mode
 
 def backend_for(t: torch.Tensor) -> ModuleType:
     """The backend module for tensors on ``t``'s device (see the module docstring)."""

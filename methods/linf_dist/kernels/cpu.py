@@ -2,13 +2,9 @@
 
 Mechanism, and why
 ------------------
-The kernels are C++ (``methods/linf_dist/csrc``), compiled by ``torch.utils.cpp_extension.load`` the first
-time they are needed, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``); later processes load the cached library in well under a second. The
-extension's name carries a hash of the sources (and their folder), the compiler flags and the CPU's feature
-flags, so an edit, another checkout or a different CPU gets its own build, never a stale or
-illegal-instruction one. If the build fails (no compiler, ...) one warning is issued and the reference
-implementation is used for the rest of the process.
+The kernels are C++ (``methods/linf_dist/csrc``), compiled on first use into torch's extension cache by
+``methods.native`` (which names builds by sources, flags and CPU). If the build fails (no compiler, ...)
+one warning is issued and the reference implementation is used for the rest of the process.
 
 How it was chosen: forward + backward throughput (G pairs/s, float32, n_in = n_out = 1024) of the
 candidates on this machine (2 vCPUs of an AMD EPYC Zen 3: AVX2 + FMA, no AVX-512)::
@@ -68,121 +64,30 @@ values, empty shapes) to ``methods.linf_dist.reference``.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import logging
 import math
-import os
-import platform
-import threading
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from methods.base import MethodError
 from methods.linf_dist import reference
+from methods.native import Extension
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("lp_dist.cpp", "kernels.h", "vec.h")
-_lock = threading.Lock()
-_ext: ModuleType | None = None
-_error: str | None = None
-
-
-def _cpu_signature() -> str:
-    """The CPU's feature flags (the default build is -march=native): part of the extension's name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
-# BENCH_CPU_ISA picks the instruction set the extension is built for on x86-64. "native" (the default) uses
-# every feature of this CPU; "avx2" / "avx512" build the 8- / 16-lane code of the x86-64-v3 / -v4 levels, so
-# one machine can reproduce the numerics of another CPU (the CI gate's "different CPU" check builds AVX2 on
-# an AVX-512 machine; ATEN_CPU_CAPABILITY=avx2 does the same for torch's own kernels). The flags are part of
-# the extension's name, so builds for different ISAs never collide in the cache.
-ISA_ENV = "BENCH_CPU_ISA"
-_X86_ARCH = {"native": "-march=native", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4"}
-
-
-def _flags() -> list[str]:
-    isa = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
-    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
-        if isa not in _X86_ARCH:
-            raise MethodError(f"{ISA_ENV}={isa!r}: choose one of {', '.join(_X86_ARCH)}")
-        arch = _X86_ARCH[isa]
-    elif isa == "native":
-        arch = "-mcpu=native"
-    else:
-        raise MethodError(f"{ISA_ENV}={isa!r}: only 'native' exists on {platform.machine()}")
-    return ["-O3", arch, "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
-
-
-def _build(flags: list[str]) -> ModuleType:
-    # A CUDA build of torch on a machine without CUDA warns "No CUDA runtime is found" when this module is
-    # imported; these kernels are CPU code, so that line is only noise on every run.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils.cpp_extension import _get_build_directory, load
-
-    digest = hashlib.sha256()
-    # Every load runs ninja, which rebuilds when the build command changed, and the command holds the sources'
-    # path: two checkouts sharing one cache would rebuild the library in turn, each waiting on the other's lock.
-    digest.update(str(_CSRC).encode())
-    for name in _SOURCES:
-        digest.update((_CSRC / name).read_bytes())
-    digest.update(" ".join(flags).encode())
-    digest.update(_cpu_signature().encode())
-    digest.update(torch.__version__.encode())
-    name = f"certbench_lp_dist_{digest.hexdigest()[:16]}"
-    build_dir = Path(_get_build_directory(name, verbose=False))
-    # torch's own build lock is a plain file that other processes wait on until it vanishes, so a build killed
-    # mid-way (Ctrl-C, a time limit) would hang every later run. Our builds serialise on an flock, which the
-    # kernel releases when its holder dies: whoever holds it knows no build is running, so a torch lock file
-    # found then was left by a killed build and is removed.
-    with open(build_dir / "certbench-build.flock", "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        (build_dir / "lock").unlink(missing_ok=True)
-        return load(
-            name=name,
-            sources=[str(_CSRC / "lp_dist.cpp")],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+_EXTENSION = Extension("certbench_lp_dist", _CSRC / "lp_dist.cpp", [_CSRC / "kernels.h", _CSRC / "vec.h"],
+                       "fast ℓp-distance CPU kernels")
 
 
 def extension() -> ModuleType | None:
     """The compiled extension, building it on first use; None (after one warning) if it cannot be built."""
-    global _ext, _error
-    if _ext is not None or _error is not None:
-        return _ext
-    flags = _flags()  # a misspelt BENCH_CPU_ISA is an error, not a silent fall-back to the reference
-    with _lock:
-        if _ext is None and _error is None:
-            try:
-                _ext = _build(flags)
-            except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-                _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                warnings.warn(
-                    f"fast ℓp-distance CPU kernels could not be built ({_error}); "
-                    "using the (much slower) reference implementation",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _ext
+    return _EXTENSION.get()
 
 
 def available(strict: bool = False) -> bool:
     """Whether the extension is usable (building it if needed); ``strict`` raises instead of False."""
     ok = extension() is not None
     if not ok and strict:
-        raise RuntimeError(f"CERTBENCH_KERNELS=fast but the CPU kernels could not be built: {_error}")
+        raise RuntimeError(f"CERTBENCH_KERNELS=fast but the CPU kernels could not be built: {_EXTENSION.error}")
     return ok
 
 
