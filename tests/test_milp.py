@@ -7,7 +7,6 @@ Tiny random nets (seconds) and two points of the committed fixed MNIST ibp check
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 
 import pytest

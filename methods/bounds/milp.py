@@ -29,8 +29,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
-
 import numpy as np
 import torch
 from torch import nn
@@ -155,12 +153,11 @@ class MilpVerifier:
                     torch.minimum(ibp[k][1], crown[k][1]) + BOX_WIDENING) for k in self.relus}
 
     def verify(self, x: torch.Tensor, y: int, eps: float, lo: float = 0.0, hi: float = 1.0,
-               rows: Sequence[int] | None = None, prune: bool = True) -> PointVerdict:
-        """The verdict for one point x (1, C, H, W) float32 with label y.
+               prune: bool = True) -> PointVerdict:
+        """The verdict for one point x (1, C, H, W) float32 with label y, over every margin row j ≠ y.
 
-        ``rows``: the classes j to solve (default every j ≠ y). ``prune``: skip rows whose CROWN bound
-        already clears the threshold and stop at the first confirmed counterexample (off: every row is
-        solved to its end, for tests that compare optima)."""
+        ``prune``: skip rows whose CROWN bound already clears the threshold and stop at the first
+        confirmed counterexample (off: every row is solved to its end, for tests that compare optima)."""
         start = time.perf_counter()
         deadline = start + self.time_limit_s
         segments = self._lower(x)
@@ -168,7 +165,7 @@ class MilpVerifier:
         box = (box32[0].double(), box32[1].double())
         relu_boxes = self.boxes(box)
         num_classes = segments[-1].bias.shape[0]
-        targets = [j for j in range(num_classes) if j != y] if rows is None else list(rows)
+        targets = [j for j in range(num_classes) if j != y]
         spec = margin_spec(torch.tensor([y]), num_classes)
         threshold = {j: slack + MILP_SAFETY for j, slack in self._slack(box32, spec, y, num_classes).items()}
         with torch.no_grad():
