@@ -340,6 +340,7 @@ def test_backward_in_batch_slices_equals_one_pass(monkeypatch: pytest.MonkeyPatc
     results = {}
     for block in (engine.COEFFICIENT_BLOCK_BYTES, example_bytes, 2 * example_bytes):
         monkeypatch.setattr(engine, "COEFFICIENT_BLOCK_BYTES", block)
+        monkeypatch.setattr(engine, "MIN_SLICE_EXAMPLES", 1)
         model = random_cnn(9).train(train)
         gen = torch.Generator().manual_seed(1)
         x, y = torch.rand(7, 2, 8, 8, dtype=D, generator=gen), torch.randint(0, 5, (7,), generator=gen)

@@ -28,6 +28,10 @@ margin rows × a DM-small layer: 30–42 MiB) exceeds glibc's mmap threshold (at
 temporary was a fresh mapping whose pages fault in on first touch, and no pass over it stayed in cache.
 Measured with ``methods.bounds.perf`` (torch 1.13, one thread): slices of 8 MiB made the CROWN-IBP
 training step 1.2× (DM-small MNIST) to 1.5× (CIFAR-10) faster; results/perf/README.md has the numbers."""
+MIN_SLICE_EXAMPLES = 16
+"""...but never fewer examples per slice than this: on DM-large (2.4 MiB of coefficients per example) 8 MiB
+slices of 3 examples made the step 1.1× slower than one piece, as the convolutions then run on a few dozen
+coefficient images per call; slices of 13 examples made it 1.1× faster."""
 
 
 class BoundNet:
@@ -82,7 +86,7 @@ class BoundNet:
         slopes = lower_slopes or {}
         widest = max([lam[0].numel()] + [math.prod(layer.in_shape) * lam.shape[1]
                                           for layer in self.layers[:position] if layer.in_shape is not None])
-        chunk = max(1, COEFFICIENT_BLOCK_BYTES // max(1, widest * lam.element_size()))
+        chunk = max(MIN_SLICE_EXAMPLES, COEFFICIENT_BLOCK_BYTES // max(1, widest * lam.element_size()))
         if chunk >= lam.shape[0]:
             return self._backward(lam, position, relu_boxes, x_box, slopes)
 
