@@ -112,6 +112,13 @@ class Extension:
         self._module: ModuleType | None = None
         self._lock = threading.Lock()
 
+    def require(self) -> ModuleType:
+        """The compiled module, or a RuntimeError naming why it cannot be built (``CERTBENCH_KERNELS=fast``)."""
+        module = self.get()
+        if module is None:
+            raise RuntimeError(f"{ENV_VAR}=fast but the {self.what} could not be built: {self.error}")
+        return module
+
     def get(self) -> ModuleType | None:
         """The compiled module, or None (after one warning) if it cannot be built."""
         if self._module is not None or self.error is not None:

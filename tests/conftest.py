@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +22,18 @@ def data_root() -> Path:
 def in_ci() -> bool:
     """CI services set CI=true; there a missing dataset is a broken setup, not a reason to skip."""
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def import_lirpa() -> ModuleType:
+    """auto_LiRPA, or skip the calling module: it runs in its own environment (``tox -e lirpa``), which sets
+    CERTBENCH_LIRPA so that a missing install fails there instead of skipping."""
+    try:
+        import auto_LiRPA
+    except ImportError:
+        if os.environ.get("CERTBENCH_LIRPA"):
+            raise
+        pytest.skip("auto_LiRPA runs in its own environment: tox -e lirpa", allow_module_level=True)
+    return auto_LiRPA
 
 
 def require_dataset(name: str) -> Path:

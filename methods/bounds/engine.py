@@ -84,7 +84,7 @@ class BoundNet:
         same, each computed by the same operations.
         """
         slopes = lower_slopes or {}
-        widest = max([lam[0].numel()] + [math.prod(layer.in_shape) * lam.shape[1]
+        widest = max([math.prod(lam.shape[1:])] + [math.prod(layer.in_shape) * lam.shape[1]
                                           for layer in self.layers[:position] if layer.in_shape is not None])
         chunk = max(MIN_SLICE_EXAMPLES, COEFFICIENT_BLOCK_BYTES // max(1, widest * lam.element_size()))
         if chunk >= lam.shape[0]:

@@ -1,4 +1,5 @@
-"""The ReLU relaxation step of the CROWN backward pass as one fused C++ loop (``csrc/relaxation.cpp``).
+"""Two steps of the CROWN backward pass as fused C++ loops (``csrc/relaxation.cpp``): the ReLU relaxation and
+the final concretisation over the input box.
 
 Why: after the batch was sliced (``engine.COEFFICIENT_BLOCK_BYTES``), the ReLU relaxation and the autograd
 pass through it were still about a quarter of a CROWN-IBP training step on DM-small (torch.profiler, torch
@@ -34,10 +35,7 @@ def extension_for(*tensors: torch.Tensor) -> ModuleType | None:
         return None
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return None
-    ext = _EXTENSION.get()
-    if ext is None and chosen == "fast":
-        raise RuntimeError(f"CERTBENCH_KERNELS=fast but the fused bound kernels could not be built: {_EXTENSION.error}")
-    return ext
+    return _EXTENSION.require() if chosen == "fast" else _EXTENSION.get()
 
 
 def relu_forward(

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
 from torch import nn
 
-try:
-    import auto_LiRPA as lirpa
-except ImportError:
-    if os.environ.get("CERTBENCH_LIRPA"):
-        raise
-    pytest.skip("auto_LiRPA runs in its own environment: tox -e lirpa", allow_module_level=True)
+from conftest import import_lirpa
 
+lirpa = import_lirpa()
 # The fixture lives in tests/conftest.py: a conftest.py here would shadow it for `from conftest import ...`.
 pytestmark = pytest.mark.usefixtures("float64")
 

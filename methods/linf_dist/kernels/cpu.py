@@ -85,10 +85,7 @@ def extension() -> ModuleType | None:
 
 def available(strict: bool = False) -> bool:
     """Whether the extension is usable (building it if needed); ``strict`` raises instead of False."""
-    ok = extension() is not None
-    if not ok and strict:
-        raise RuntimeError(f"CERTBENCH_KERNELS=fast but the CPU kernels could not be built: {_EXTENSION.error}")
-    return ok
+    return (_EXTENSION.require() if strict else _EXTENSION.get()) is not None
 
 
 # ------------------------------------------------------------------------------------------------------
