@@ -203,8 +203,7 @@ class MilpVerifier:
         is from the exact network (``methods.bounds.rounding``; the MILP has no bound computation of its
         own to cover, so CROWN's extra term for its backward pass does not apply)."""
         with torch.no_grad():
-            errors = rounding_errors(self.model, *box32)
-            slack = torch.einsum("bsk,bk->bs", spec.abs(), errors.interval)[0]
+            slack = rounding_errors(self.model, *box32).forward_slack(spec)[0]
         return {j: float(slack[j - (j > y)]) for j in range(num_classes) if j != y}
 
     def _check(self, values: np.ndarray, box32: Box, y: int) -> torch.Tensor | None:

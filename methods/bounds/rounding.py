@@ -111,13 +111,17 @@ class RoundingErrors:
     interval: torch.Tensor
     linear: torch.Tensor
 
+    def forward_slack(self, spec: torch.Tensor) -> torch.Tensor:
+        """(B, S): how far the float32 forward pass's margins spec (B, S, K) @ logits can be from the exact
+        network's, anywhere in the box."""
+        return torch.einsum("bsk,bk->bs", spec.abs(), self.interval)
+
     def slack(self, spec: torch.Tensor, method: str) -> torch.Tensor:
         """τ (B, S) for the margins spec (B, S, K) @ logits bounded with ``method``."""
-        weights = spec.abs()
-        fwd = torch.einsum("bsk,bk->bs", weights, self.interval)
+        fwd = self.forward_slack(spec)
         if method == "ibp":
             return 2 * fwd
-        return fwd + torch.einsum("bsk,bk->bs", weights, self.linear)
+        return fwd + torch.einsum("bsk,bk->bs", spec.abs(), self.linear)
 
 
 def rounding_errors(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,
