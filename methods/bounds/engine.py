@@ -26,12 +26,12 @@ COEFFICIENT_BLOCK_BYTES = 8 * 2**20
 """The largest coefficient tensor of one slice of a CROWN backward pass. A whole batch's (256 examples × 9
 margin rows × a DM-small layer: 30–42 MiB) exceeds glibc's mmap threshold (at most 32 MiB), so every
 temporary was a fresh mapping whose pages fault in on first touch, and no pass over it stayed in cache.
-Measured with ``methods.bounds.perf`` (torch 1.13, one thread): slices of 8 MiB made the CROWN-IBP
-training step 1.2× (DM-small MNIST) to 1.5× (CIFAR-10) faster; results/perf/README.md has the numbers."""
+Chosen by interleaved A/B timings of the CROWN-IBP step (torch 1.13, one thread): 4 and 8 MiB were alike,
+2 and 16 MiB slower; ``methods.bounds.perf`` measures the engine as a whole (README, Bound engine speed)."""
 MIN_SLICE_EXAMPLES = 16
 """...but never fewer examples per slice than this: on DM-large (2.4 MiB of coefficients per example) 8 MiB
-slices of 3 examples made the step 1.1× slower than one piece, as the convolutions then run on a few dozen
-coefficient images per call; slices of 13 examples made it 1.1× faster."""
+slices of 3 examples made the step slower than one piece in an A/B timing, as the convolutions then run on
+a few dozen coefficient images per call, while slices of 13 made it faster."""
 
 
 class BoundNet:
