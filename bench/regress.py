@@ -55,7 +55,7 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from bench import fixed
+from bench import fixed, trajectory
 from bench.errors import BenchError
 from bench.report.records import Run, read_runs, report_problems
 from bench.store import add_out_argument, atomic_write_json
@@ -312,9 +312,15 @@ def update_command(args: argparse.Namespace) -> int:
     if loose:
         raise BenchError(f"pools {', '.join(loose)}: tolerance at or above the value, so the gate could not see "
                          "a collapse; make those cells learn (or measure more seeds) before recording them")
+    traj = None
+    if args.trajectories is not None:
+        traj = trajectory.record(spread_runs, _selected(_read(Path(args.calibrate_from)), args.scale, args.suite))
     atomic_write_json(path, record)
     print(f"wrote {path}: {len(record['cells'])} cells in {len(record['pools'])} pools, tolerance "
           f"{record['tolerance_rule']}")
+    if traj is not None:
+        atomic_write_json(Path(args.trajectories), traj)
+        print(f"wrote {args.trajectories}: training logs of {len(traj['cells'])} runs, tolerance {traj['rule']}")
     return 0
 
 
@@ -345,6 +351,13 @@ def _cell_table(baseline: Baseline, cells: list[str], now: dict[str, Run]) -> st
 def check_command(args: argparse.Namespace) -> int:
     if args.baseline is None and args.fixed is None:
         raise BenchError("check needs --baseline FILE, --fixed DIR or both")
+    if args.trajectories is not None and args.baseline is None:
+        raise BenchError("--trajectories belongs to the baseline's cells: give --baseline too")
+    if args.calibrate_from is not None and not (args.update and args.trajectories):
+        raise BenchError("--calibrate-from sets the tolerances of --trajectories FILE with --update")
+    if args.update and args.trajectories is not None and args.calibrate_from is None:
+        raise BenchError("--trajectories with --update needs --calibrate-from DIR: the same cells run under "
+                         "another CPU build, whose drift sets the tolerances")
     if args.fixed_from is not None and not (args.update and args.fixed):
         raise BenchError("--fixed-from imports cells into --fixed DIR with --update")
     if args.update:
@@ -356,6 +369,8 @@ def check_command(args: argparse.Namespace) -> int:
         raise BenchError("--scale, --suite, --spread-from and --z choose what --update records; the check itself "
                          "covers every pool of the baseline")
     rc = 0 if args.baseline is None else baseline_check(args)
+    if args.trajectories is not None and not trajectory_check(args):
+        rc = 1
     if args.fixed is not None and not fixed.check(Path(args.fixed)):
         print(f"check FAILED: fixed checkpoints in {args.fixed} changed verdicts beyond their tolerance: a "
               f"certifier, attack or evaluation change. If it is meant (and sound), re-record them with "
@@ -399,6 +414,25 @@ def baseline_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def trajectory_check(args: argparse.Namespace) -> bool:
+    """The training logs of the runs against the recorded ones; True when none diverged."""
+    recorded = trajectory.load(Path(args.trajectories))
+    divergences, compared, unrecorded = trajectory.compare(recorded, _selected(_read(Path(args.out)), None, None))
+    if unrecorded:
+        print(f"training logs not compared (no recorded log for their seed; the pooled gate still judges them): "
+              f"{', '.join(unrecorded)}", file=sys.stderr)
+    if not divergences:
+        print(f"trajectories passed: {len(compared)} training logs reproduce {args.trajectories} within tolerance")
+        return True
+    print(f"\ntraining logs that left their recorded trajectory (first epoch per column):")
+    print(trajectory.table(divergences))
+    cells = sorted({d.cell for d in divergences})
+    print(f"check FAILED: {len(cells)} of {len(compared)} training logs diverged from {args.trajectories}: the "
+          f"training of these cells changed beyond float rounding. If that is meant, look at its effect on accuracy "
+          f"(the pool table above, the small cells) before re-recording with --update", file=sys.stderr)
+    return False
+
+
 def register_verb(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="fail when a method's certified/clean accuracy drops below a committed baseline")
     p.add_argument("--baseline", help="baseline JSON, e.g. results/baselines/smoke.json")
@@ -416,6 +450,13 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--update", action="store_true", help="rewrite the baseline from the current results")
     p.add_argument("--scale", nargs="+", help="with --update: record only these scales (default: all)")
     p.add_argument("--suite", nargs="+", help="with --update: record only these suites (default: all)")
+    p.add_argument("--trajectories", metavar="FILE",
+                   help="recorded training logs of the baseline's cells, e.g. results/baselines/smoke-trajectories."
+                        "json: every run of a recorded cell and seed must reproduce its log within tolerance; with "
+                        "--update: re-record them from --spread-from")
+    p.add_argument("--calibrate-from", metavar="DIR",
+                   help="with --update and --trajectories: results root of the same cells run under another CPU "
+                        "build (e.g. BENCH_CPU_ISA=avx2), whose drift sets each log's tolerance")
     p.add_argument("--spread-from", help="with --update: results root with several seeds per cell to measure "
                                          "the run-to-run spread (default: --out)")
     p.set_defaults(func=check_command)

@@ -16,6 +16,7 @@ import torch
 import bench
 from bench.attacks import pgd_robust, random_robust
 from bench.cli import main
+from bench.config import load_suite
 from bench.data import load_split, to_pixels
 from bench.store import load_result, read_csv
 from methods import base as registry
@@ -43,13 +44,14 @@ def test_smoke_cell_writes_a_consistent_result(smoke_results: Path, method: str)
     record = load_result(folder / "result.json").record
     m = record["metrics"]
     assert m["clean"] >= m["pgd"] >= m["certified"]
-    assert record["n_examples"] == 200 and record["index_range"] == [0, 200]
+    start, stop = load_suite("mnist").scales["smoke"].test_range
+    assert record["n_examples"] == stop - start and record["index_range"] == [start, stop]
     assert record["certifier"] in registry.get(method).certifiers
     assert record["eps"]["test"] == EPS
     assert {"train", "clean", "pgd", "certify"} <= set(record["provenance"]["timings_s"])
     assert record["provenance"]["versions"]["torch"] == torch.__version__
     verdicts = (folder / "verdicts.csv").read_text().splitlines()
-    assert verdicts[0] == "index,label,clean,pgd,certified,verdict,apgd,broken_by" and len(verdicts) == 201
+    assert verdicts[0] == "index,label,clean,pgd,certified,verdict,apgd,broken_by" and len(verdicts) == 1 + stop - start
     certified = sum(line.split(",")[4] == "1" for line in verdicts[1:])
     assert certified == record["counts"]["certified"]
     assert json.loads((folder / "config.json").read_text())["cell"]["method"] == method
@@ -106,7 +108,8 @@ def deployed(smoke_results: Path, data_dir: Path):
     folder = cell(smoke_results, "linf-dist")
     model = bench.load_model(folder)
     split = load_split("mnist", False, data_dir)
-    x, y = to_pixels(split.images[:200], torch.device("cpu")), split.labels[:200]
+    start, stop = load_suite("mnist").scales["smoke"].test_range
+    x, y = to_pixels(split.images[start:stop], torch.device("cpu")), split.labels[start:stop]
     return model, x, y
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.config import load_suite
 from bench.regress import load_baseline
 from methods import base as registry
 
@@ -235,7 +236,8 @@ def test_the_committed_smoke_baseline_gates_every_method_and_no_cell_sits_at_cha
     assert {key.split("/")[1] for key in baseline.pools} == set(registry.list_methods())
     for key, pool in baseline.pools.items():
         assert all(pool.tolerance[m] < pool.baseline[m] for m in ("certified", "clean")), key
-    n = 200  # the smoke scale's test images
+    start, stop = load_suite("mnist").scales["smoke"].test_range
+    n = stop - start
     for cell, metrics in baseline.cells.items():
         assert metrics["clean"] > 0.1 + 3 * math.sqrt(0.1 * 0.9 / n) and metrics["certified"] > 0, cell
 
@@ -270,7 +272,8 @@ def test_fixed_checkpoints_are_recorded_and_checked_point_by_point(
     assert (fixed / key / "model.safetensors").exists() and not (fixed / key / "model.pt").exists()
     assert main(["check", "--fixed", str(fixed)]) == 0
     manifest = json.loads((fixed / "manifest.json").read_text())
-    assert manifest["cells"][key]["n"] == 200 and manifest["cells"][key]["tolerance"] == 0
+    start, stop = load_suite("mnist").scales["smoke"].test_range
+    assert manifest["cells"][key]["n"] == stop - start and manifest["cells"][key]["tolerance"] == 0
     # Three points whose recorded clean verdict no longer matches.
     lines = (fixed / key / "verdicts.csv").read_text().splitlines()
     header = lines[0].split(",")

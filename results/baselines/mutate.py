@@ -10,7 +10,9 @@ Each writes ``<out>/<mutation>/`` (a results root) and prints the gate's verdict
 certify-eps also checks the fixed checkpoints (``fixed/``), which must fail for every method too.
 The cells (suites, ε, methods, seeds) are the baseline's own, so this runs what ``.ci/run`` gates. Cells
 resume, so an interrupted run continues where it stopped. The harness code is untouched: (b) and (c) are
-config overrides (``bench run --set``), (a) certifies the finished models at ``factor`` × ε.
+config overrides (``bench run --set``), judged by both layers that see training (the pooled accuracies of
+``smoke.json`` and the training logs of ``smoke-trajectories.json``); (a) certifies the finished models at
+``factor`` × ε.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def judge(args: list[str], methods: set[str], what: str) -> bool:
     failed = set()
     for line in buf.getvalue().splitlines():
         words = line.split()
-        if words and words[-1] in ("REGRESSED", "MISSING", "SUSPECT", "CHANGED") and words[0].count("/") in (1, 5):
+        if words and words[-1] in ("REGRESSED", "MISSING", "SUSPECT", "CHANGED", "DIVERGED") and words[0].count("/") in (1, 5):
             failed.add(words[0].split("/")[1 if words[0].count("/") == 1 else 4])
     missed = sorted(methods - failed)
     print(f"{what}: gate exit {rc}; caught: {', '.join(sorted(failed & methods)) or 'none'}; "
@@ -186,13 +188,15 @@ def judge(args: list[str], methods: set[str], what: str) -> bool:
     return rc == 1 and not missed
 
 
-def judge_variants(baseline: Path, root: Path, methods: set[str]) -> bool:
+def judge_variants(baseline: Path, trajectories: Path, root: Path, methods: set[str]) -> bool:
     """The gate on retrained cells. ``bench run --set`` files them as variants (``<method>+key=value``), which
     ``bench check`` rightly never takes for the recipe's own cells; here the mutated recipe stands in for the
-    recipe, so each variant is compared as the cell it mutates. Caught: REGRESSED (or SUSPECT) for the method;
-    a MISSING cell means the mutation did not run, and counts as not caught."""
+    recipe, so each variant is compared as the cell it mutates, by both layers that judge trained cells: the
+    pooled accuracies (REGRESSED or SUSPECT) and the recorded training logs (DIVERGED). A MISSING cell means
+    the mutation did not run, and counts as not caught."""
     from dataclasses import replace
 
+    from bench import trajectory
     from bench.regress import compare, load_baseline, pool_table
     from bench.report.records import read_runs
 
@@ -202,12 +206,18 @@ def judge_variants(baseline: Path, root: Path, methods: set[str]) -> bool:
     as_recipe = [replace(r, key=r.key.replace(f"+{r.tag}/", "/"), tag="") for r in runs if r.tag]
     rows = compare(load_baseline(baseline), as_recipe)
     print(pool_table(rows))
-    failed = {r.pool.split("/")[1] for r in rows if r.status in ("REGRESSED", "SUSPECT")}
+    pooled = {r.pool.split("/")[1] for r in rows if r.status in ("REGRESSED", "SUSPECT")}
     missing = sorted({r.pool.split("/")[1] for r in rows if r.status == "MISSING"} & methods)
-    missed = sorted(methods - failed)
-    print(f"trained cells: caught: {', '.join(sorted(failed & methods)) or 'none'}; missed: {', '.join(missed) or 'none'}"
+    divergences, compared, _ = trajectory.compare(trajectory.load(trajectories), as_recipe)
+    print(trajectory.table(divergences))
+    diverged = {d.cell.split("/")[4] for d in divergences}
+    for name, caught in (("pooled accuracies", pooled), ("training logs", diverged)):
+        print(f"{name}: caught: {', '.join(sorted(caught & methods)) or 'none'}; "
+              f"missed: {', '.join(sorted(methods - caught)) or 'none'}")
+    missed = sorted(methods - pooled - diverged)
+    print(f"trained cells ({len(compared)} logs compared): missed by both layers: {', '.join(missed) or 'none'}"
           + (f"; not run (MISSING): {', '.join(missing)}" if missing else ""))
-    return not missed
+    return not missed and not missing
 
 
 def main() -> int:
@@ -215,6 +225,7 @@ def main() -> int:
     p.add_argument("mutation", choices=MUTATIONS)
     p.add_argument("--out", required=True, help="folder for the mutated results (<out>/<mutation>/)")
     p.add_argument("--baseline", default=str(HERE / "smoke.json"))
+    p.add_argument("--trajectories", default=str(HERE / "smoke-trajectories.json"))
     p.add_argument("--models", help="certify-eps: results root holding the finished baseline cells (CI's run), "
                                     "to certify them again as well")
     p.add_argument("--fixed", default=str(HERE / "fixed"), help="certify-eps: fixed checkpoints to check as well")
@@ -237,9 +248,10 @@ def main() -> int:
         retrain(args.mutation, spec, baseline, out, args.jobs)
         caught = True
     if args.mutation == "certify-eps":
-        caught &= judge(["--baseline", str(baseline), "--results", str(out)], methods, "trained cells")
+        caught &= judge(["--baseline", str(baseline), "--trajectories", args.trajectories, "--results", str(out)],
+                        methods, "trained cells")
     else:
-        caught &= judge_variants(baseline, out, methods)
+        caught &= judge_variants(baseline, Path(args.trajectories), out, methods)
     return 0 if caught else 1
 
 
