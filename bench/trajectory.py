@@ -110,19 +110,23 @@ def calibrate(base: dict[str, list[float]], other: dict[str, list[float]], where
 
 
 def record(runs: Sequence[Run], calibration: Sequence[Run]) -> dict[str, Any]:
-    """The trajectories file: every run's log, and per cell the tolerances its calibration run earns."""
-    by_group = {_group(r.key): r for r in calibration}
+    """The trajectories file: every run's log, and per cell the tolerances its calibration runs earn (the
+    largest, where a cell has several)."""
     logs = {r.key: read_log(r.folder) for r in runs}
+    by_group: dict[str, list[Run]] = {}
+    for run in calibration:
+        by_group.setdefault(_group(run.key), []).append(run)
     tolerance: dict[str, dict[str, list[float]]] = {}
     for group in sorted({_group(k) for k in logs}):
-        other = by_group.get(group)
-        if other is None:
+        earned = []
+        for other in by_group.get(group, []):
+            if other.key not in logs:
+                raise BenchError(f"{other.key}: a calibration run of a seed that --spread-from lacks")
+            earned.append(calibrate(logs[other.key], read_log(other.folder), other.key))
+        if not earned:
             raise BenchError(f"{group}: no run of this cell under another CPU build in --calibrate-from; every "
                              "cell needs one (see results/baselines/README.md)")
-        seed_key = f"{group}/seed{other.seed}"
-        if seed_key not in logs:
-            raise BenchError(f"{group}: the calibration run is seed {other.seed}, which --spread-from lacks")
-        tolerance[group] = calibrate(logs[seed_key], read_log(other.folder), group)
+        tolerance[group] = {c: [max(t[c][e] for t in earned) for e in range(len(earned[0][c]))] for c in earned[0]}
     return {
         "schema": SCHEMA,
         "rule": (f"schedule columns to {SCHEDULE_RTOL} relative; measured columns {', '.join(MEASURED)}: "
