@@ -81,17 +81,19 @@ def _write_verdicts(folder: Path, verdicts: dict[str, list[Any]]) -> None:
 
 
 def record(root: Path, source: Path | None, tolerance: int) -> int:
-    """(Re)write the fixed cells' expected verdicts: from ``source``'s finished cells (their weights copied
-    in as float16) when given, else for the cells already in ``root``. Tolerances already recorded are kept."""
+    """(Re)write the fixed cells' expected verdicts: of the cells already in ``root`` and, when given, of
+    ``source``'s finished cells (their weights copied in as float16, replacing a cell of the same key).
+    Tolerances already recorded are kept."""
     from safetensors.torch import save_file
 
     old = _cells(root) if (root / MANIFEST).exists() else {}
     keys = sorted(old)
     if source is not None:
-        keys = sorted(p.parent.relative_to(source).as_posix() for p in source.glob("*/*/*/*/*/*/model.pt"))
-        if not keys:
+        new = sorted(p.parent.relative_to(source).as_posix() for p in source.glob("*/*/*/*/*/*/model.pt"))
+        if not new:
             raise BenchError(f"no finished cells (model.pt) under {source}")
-        for key in keys:
+        keys = sorted({*keys, *new})
+        for key in new:
             (root / key).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / key / "config.json", root / key / "config.json")
             state = torch.load(source / key / "model.pt", map_location="cpu", weights_only=True)

@@ -288,6 +288,15 @@ def test_fixed_checkpoints_are_recorded_and_checked_point_by_point(
     row = next(line for line in captured.out.splitlines() if line.startswith(key) and " clean " in line)
     assert row.split()[-2:] == ["0", "CHANGED"] and row.split()[-3] == "3"
     assert "--update" in captured.err
+    # Importing another cell adds it beside the recorded ones (whose verdicts are recorded afresh).
+    other = key.replace("seed0", "seed1")
+    shutil.copytree(tmp_path / "src" / key, tmp_path / "more" / other)
+    record = json.loads((tmp_path / "more" / other / "config.json").read_text())
+    record["cell"]["seed"] = 1
+    (tmp_path / "more" / other / "config.json").write_text(json.dumps(record))
+    assert main(["check", "--fixed", str(fixed), "--update", "--fixed-from", str(tmp_path / "more")]) == 0
+    assert set(json.loads((fixed / "manifest.json").read_text())["cells"]) == {key, other}
+    assert main(["check", "--fixed", str(fixed)]) == 0
 
 
 def test_a_certifier_at_1_1_eps_fails_the_committed_fixed_checkpoints(
