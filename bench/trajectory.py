@@ -74,8 +74,10 @@ def read_log(folder: Path) -> dict[str, list[float]]:
 
 
 def deviation(now: float, base: float) -> float:
-    if math.isnan(now) and math.isnan(base):
-        return 0.0
+    """Relative deviation; NaN against NaN (a column the recipe does not use) is none, NaN against a number
+    (a loss that blew up) is infinite."""
+    if math.isnan(now) or math.isnan(base):
+        return 0.0 if math.isnan(now) and math.isnan(base) else math.inf
     return abs(now - base) / max(abs(base), SCALE_FLOOR)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_drift_within_the_tolerance_passes(roots: dict[str, Path]):
     assert _check(roots) == 0
 
 
-@pytest.mark.parametrize(("column", "factor"), [("loss", 1.01), ("eps", 1 + 1e-6), ("lr", 0.5)])
+@pytest.mark.parametrize(("column", "factor"), [("loss", 1.01), ("loss", math.nan), ("eps", 1 + 1e-6), ("lr", 0.5)])
 def test_a_changed_loss_or_schedule_diverges(roots: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                              column: str, factor: float):
     _edit_log(roots["results"] / CELL, column, 1, factor)
