@@ -424,7 +424,7 @@ def trajectory_check(args: argparse.Namespace) -> bool:
     if not divergences:
         print(f"trajectories passed: {len(compared)} training logs reproduce {args.trajectories} within tolerance")
         return True
-    print(f"\ntraining logs that left their recorded trajectory (first epoch per column):")
+    print("\ntraining logs that left their recorded trajectory (earliest epoch per cell):")
     print(trajectory.table(divergences))
     cells = sorted({d.cell for d in divergences})
     print(f"check FAILED: {len(cells)} of {len(compared)} training logs diverged from {args.trajectories}: the "
