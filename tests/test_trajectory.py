@@ -145,4 +145,6 @@ def test_the_committed_trajectories_cover_every_baseline_cell():
     recorded = trajectory.load(here / "smoke-trajectories.json")
     cells = json.loads((here / "smoke.json").read_text())["cells"]
     assert set(cells) <= set(recorded.cells)
-    assert {k.rsplit("/", 1)[0] for k in recorded.cells} == set(recorded.tolerance)
+    assert {f"{k.split('/')[0]}/{k.split('/')[4]}" for k in recorded.cells} == set(recorded.tolerance)
+    # Every recorded seed of every baseline cell: seeds 0-4 of the 5-seed measurement.
+    assert {k.rsplit("/", 1)[1] for k in recorded.cells} == {f"seed{s}" for s in range(5)}
