@@ -135,7 +135,8 @@ def test_torchrun_smoke_cell_is_sound_and_evaluates_as_one_pass(torchrun_cell: P
 
     folder = _cell(torchrun_cell, "linf-dist")
     record = json.loads((folder / "result.json").read_text())
-    assert record["n_examples"] == 200 and not (folder / "checkpoint.pt").exists()
+    start, stop = load_suite("mnist").scales["smoke"].test_range
+    assert record["n_examples"] == stop - start and not (folder / "checkpoint.pt").exists()
     rows = read_csv(folder / "verdicts.csv")
     assert _one_pass(folder, data_dir) == [tuple(r.values()) for r in rows]
 
