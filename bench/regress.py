@@ -368,9 +368,13 @@ def check_command(args: argparse.Namespace) -> int:
     if args.spread_from is not None or args.scale or args.suite or args.z != DEFAULT_Z:
         raise BenchError("--scale, --suite, --spread-from and --z choose what --update records; the check itself "
                          "covers every pool of the baseline")
-    rc = 0 if args.baseline is None else baseline_check(args)
-    if args.trajectories is not None and not trajectory_check(args):
-        rc = 1
+    rc = 0
+    if args.baseline is not None:
+        # Read once: both layers judge the same runs (and the reader's problems are reported once).
+        runs = _selected(_read(Path(args.out)), None, None)
+        rc = baseline_check(args, runs)
+        if args.trajectories is not None and not trajectory_check(args, runs):
+            rc = 1
     if args.fixed is not None and not fixed.check(Path(args.fixed)):
         print(f"check FAILED: fixed checkpoints in {args.fixed} changed verdicts beyond their tolerance: a "
               f"certifier, attack or evaluation change. If it is meant (and sound), re-record them with "
@@ -379,11 +383,10 @@ def check_command(args: argparse.Namespace) -> int:
     return rc
 
 
-def baseline_check(args: argparse.Namespace) -> int:
+def baseline_check(args: argparse.Namespace, runs: list[Run]) -> int:
     path = Path(args.baseline)
     baseline = load_baseline(path)
     forced = None if args.tolerance is None else _fraction(args.tolerance, "--tolerance")
-    runs = _selected(_read(Path(args.out)), None, None)
     rows = compare(baseline, runs, forced)
     print(pool_table(rows))
     now = {r.key: r for r in runs}
@@ -414,10 +417,10 @@ def baseline_check(args: argparse.Namespace) -> int:
     return 1
 
 
-def trajectory_check(args: argparse.Namespace) -> bool:
+def trajectory_check(args: argparse.Namespace, runs: list[Run]) -> bool:
     """The training logs of the runs against the recorded ones; True when none diverged."""
     recorded = trajectory.load(Path(args.trajectories))
-    divergences, compared, unrecorded = trajectory.compare(recorded, _selected(_read(Path(args.out)), None, None))
+    divergences, compared, unrecorded = trajectory.compare(recorded, runs)
     if unrecorded:
         print(f"training logs not compared (no recorded log for their seed; the pooled gate still judges them): "
               f"{', '.join(unrecorded)}", file=sys.stderr)
