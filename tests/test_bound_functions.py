@@ -15,10 +15,11 @@ from methods.bounds.functional import (
     ConvGeometry,
     channel_affine_transpose,
     concretize,
+    interval_relu,
     relu_relaxation,
     transposed_conv2d,
 )
-from methods.bounds.layers import BatchNorm, Conv2d, Flatten, Linear, Normalization, ReLU
+from methods.bounds.layers import BatchNorm, Conv2d, Flatten, Interval, Linear, Normalization, ReLU
 from methods.crown_ibp.losses import robust_ce
 from methods.normalize import Normalize
 
@@ -183,6 +184,73 @@ def test_crown_ibp_uses_the_fused_steps_in_float32_with_the_same_bounds(monkeypa
     assert (fast_vector - reference_vector).abs().max() <= 1e-5 * reference_vector.abs().max()
 
 
+
+# --- IBP in centre-radius form -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 7), (2, 4099)], ids=["image", "over-one-grain"])
+def test_fused_interval_relu_equals_the_torch_formulation_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]
+) -> None:
+    gen = torch.Generator().manual_seed(9)
+    centre, radius = torch.randn(*shape, generator=gen), torch.rand(*shape, generator=gen)
+    # Ends at exactly 0 and −0 (the relu's and its gradient's ties), and a NaN, which both keep.
+    centre.view(-1)[:4] = torch.tensor([0.5, -0.5, 0.0, float("nan")])
+    radius.view(-1)[:4] = torch.tensor([0.5, 0.5, 0.0, 1.0])
+    grads = torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)
+    results = {}
+    for mode in ("reference", "fast"):
+        monkeypatch.setenv("CERTBENCH_KERNELS", mode)
+        inputs = (centre.clone().requires_grad_(True), radius.clone().requires_grad_(True))
+        outputs = interval_relu(*inputs)
+        results[mode] = (*outputs, *torch.autograd.grad(outputs, inputs, grads))
+    for reference, fast in zip(results["reference"], results["fast"]):
+        assert torch.equal(reference.isnan(), fast.isnan())
+        assert torch.equal(reference.nan_to_num().view(torch.int32), fast.nan_to_num().view(torch.int32))
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["plain", "batchnorm"])
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_ibp_margins_and_gradients_equal_the_box_form_pass_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, batchnorm: bool, mode: str
+) -> None:
+    """The engine hands a ReLU its affine layer's centre and radius (``layers.Interval``); the box-form rules
+    (every layer from and to the ends) must give the very same float32 bounds and parameter gradients."""
+    monkeypatch.setenv("CERTBENCH_KERNELS", mode)
+    model = cnn(11, batchnorm).float().train()
+    gen = torch.Generator().manual_seed(12)
+    x, y = torch.rand(6, 3, 12, 12, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    params = list(model.parameters())
+
+    def box_form() -> torch.Tensor:
+        net = BoundNet(model)
+        net.forward(x)
+        lower, upper = input_box(x, 0.03)
+        for layer in net.layers[:-1]:
+            lower, upper = layer.propagate_interval(lower, upper)
+        return net.layers[-1].interval_spec(Interval(ends=(lower, upper)), margin_spec(y, 10))
+
+    ours = compute_margin_bounds(model, x, y, 0.03, ("ibp",)).margins["ibp"]
+    ours_grads = torch.autograd.grad(robust_ce(ours), params)
+    plain = box_form()
+    plain_grads = torch.autograd.grad(robust_ce(plain), params)
+    assert torch.equal(ours, plain)
+    for ours_grad, plain_grad in zip(ours_grads, plain_grads):
+        assert torch.equal(ours_grad, plain_grad)
+
+
+def test_interval_forms_agree() -> None:
+    gen = torch.Generator().manual_seed(13)
+    image = torch.randn(4, 6, generator=gen), torch.rand(4, 6, generator=gen)
+    affine_out = Interval(image=image)
+    assert torch.equal(affine_out.ends()[0], image[0] - image[1])
+    # The centre of an image's box is that of its ends (which differ from C and R by rounding).
+    assert torch.equal(affine_out.centred()[0], Interval(ends=affine_out.ends()).centred()[0])
+    relu_out = ReLU(nn.ReLU()).propagate(affine_out)
+    assert torch.equal(relu_out.ends()[1], torch.relu(image[0] + image[1]))
+    assert torch.equal(relu_out.centred()[1], Interval(ends=relu_out.ends()).centred()[1])
+    with pytest.raises(ValueError):
+        Interval()
+
 # --- whole CROWN-IBP bounds against a plain layer-by-layer backward pass --------------------------------
 
 def plain_crown_ibp(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -190,7 +258,7 @@ def plain_crown_ibp(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps:
     net = BoundNet(model)
     logits = net.forward(x)
     x_box = input_box(x, eps)
-    boxes = net.interval_boxes(*x_box)
+    boxes = [box.ends() for box in net.intervals(*x_box)]
     lam = margin_spec(y, logits.shape[1], x.dtype)
     offset = lam.new_zeros(lam.shape[:2])
     for i in range(len(net.layers) - 1, -1, -1):

@@ -14,7 +14,7 @@ import torch
 
 from methods.base import MethodError
 from methods.bounds.functional import concretize
-from methods.bounds.layers import Box, BoundLayer, Normalization, ReLU, bound_layers
+from methods.bounds.layers import Box, BoundLayer, Interval, Normalization, ReLU, bound_layers
 
 CROWN_MAX_ELEMENTS = 1e9
 """Refuse full CROWN when its backward passes would touch more coefficient entries than this per
@@ -59,16 +59,17 @@ class BoundNet:
             x = layer.forward(x)
         return x
 
-    def interval_boxes(self, lower: torch.Tensor, upper: torch.Tensor) -> list[Box]:
-        """IBP boxes at positions 0 .. n−1 (the last layer is left to ``interval_spec``)."""
-        boxes = [(lower, upper)]
+    def intervals(self, lower: torch.Tensor, upper: torch.Tensor) -> list[Interval]:
+        """IBP boxes at positions 0 .. n−1 (the last layer is left to ``ibp_spec``), each in the form its
+        layer left it: ask for ``ends()`` only where they are needed (see ``Interval``)."""
+        boxes = [Interval(ends=(lower, upper))]
         for layer in self.layers[:-1]:
-            boxes.append(layer.propagate_interval(*boxes[-1]))
+            boxes.append(layer.propagate(boxes[-1]))
         return boxes
 
-    def ibp_spec(self, boxes: list[Box], spec: torch.Tensor) -> torch.Tensor:
+    def ibp_spec(self, boxes: list[Interval], spec: torch.Tensor) -> torch.Tensor:
         """IBP lower bounds (B, S) of spec (B, S, K) @ logits, the spec merged into the last layer."""
-        return self.layers[-1].interval_spec(*boxes[-1], spec)
+        return self.layers[-1].interval_spec(boxes[-1], spec)
 
     def backward(self, lam: torch.Tensor, position: int, relu_boxes: Mapping[int, Box], x_box: Box,
                  lower_slopes: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:

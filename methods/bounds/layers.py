@@ -6,7 +6,9 @@ per-batch state such as training-mode BatchNorm statistics never leaks between c
 * ``forward(x)``: the clean pass (B, *in) -> (B, *out); records the input shape and, for BatchNorm in
   training mode, the clean batch's statistics that the bound rules then reuse (Shi et al. 2021);
 * ``interval(lower, upper)``: interval bound propagation of a box, both (B, *in) -> (B, *out);
-* ``interval_spec(lower, upper, spec)``: lower bounds of ``spec @ output`` for spec (B, S, K) when this is
+  ``propagate(interval)`` does the same for an ``Interval``, a box in whichever form the layer before left
+  it (affine layers and a ReLU after one work on centre and radius; see ``Interval``);
+* ``interval_spec(interval, spec)``: lower bounds of ``spec @ output`` for spec (B, S, K) when this is
   the last layer; the default bounds the output box and multiplies by the spec, a Linear layer merges the
   spec into its weight instead ("elision", spec §3.6: strictly tighter, and what every reference does);
 * ``backward(lam, lower, upper)``: one step of the CROWN backward pass for a *lower* bound: given
@@ -20,7 +22,7 @@ layer of the model).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,9 @@ from torch import nn
 from methods.base import MethodError
 from methods.bounds.functional import (
     ConvGeometry,
+    centred,
     channel_affine_transpose,
+    interval_relu,
     relu_relaxation,
     transposed_conv2d,
 )
@@ -37,6 +41,56 @@ from methods.normalize import Normalize
 from methods.parallel import batch_moments
 
 Box = tuple[torch.Tensor, torch.Tensor]
+
+
+class Interval:
+    """An IBP box held in the form the layer that made it left it: its ends, an affine layer's *image*
+    (centre C and radius R; the ends are C ∓ R), or, after a ReLU on such an image, the centre and radius of
+    [relu(C − R), relu(C + R)]. Every other form is derived on first use by the operations the box-form
+    rules (``interval``) use, so every value is the same, bit for bit, whichever form a layer asks for.
+
+    Why: a ReLU right after an affine layer goes from the image to its own output's centre and radius in one
+    fused step (``functional.interval_relu``), where forming the ends, their relus and the next layer's centre
+    and radius take six passes over memory forward and about ten backward; the ends are then formed only
+    where a rule or a caller needs them (CROWN-IBP's relaxations, the warm-up regularisers).
+    """
+
+    def __init__(self, ends: Box | None = None, image: Box | None = None, relu_of: Box | None = None,
+                 centred_form: Box | None = None):
+        if ends is None and image is None and relu_of is None:
+            raise ValueError("an Interval needs its ends, an affine image, or the image a ReLU was applied to")
+        self._ends, self.image, self._relu_of, self._centred = ends, image, relu_of, centred_form
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of one end: (B, *neurons)."""
+        held = self._ends or self.image or self._relu_of
+        assert held is not None
+        return held[0].shape
+
+    def ends(self) -> Box:
+        if self._ends is None:
+            if self.image is not None:
+                c, r = self.image
+                self._ends = (c - r, c + r)
+            else:
+                assert self._relu_of is not None
+                c, r = self._relu_of
+                self._ends = (torch.relu(c - r), torch.relu(c + r))
+        return self._ends
+
+    def centred(self) -> Box:
+        """(centre, radius) of the ends (for an image, of C ∓ R: not C and R themselves, which differ from them
+        by rounding)."""
+        if self._centred is None:
+            self._centred = centred(*self.ends())
+        return self._centred
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Interval":
+        """The same box with ``fn`` (a reshape) applied to every form held."""
+        def both(pair: Box | None) -> Box | None:
+            return None if pair is None else (fn(pair[0]), fn(pair[1]))
+        return Interval(both(self._ends), both(self.image), both(self._relu_of), both(self._centred))
 
 
 class BoundLayer:
@@ -64,12 +118,16 @@ class BoundLayer:
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
         raise NotImplementedError
 
-    def propagate_interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
-        self.in_shape = lower.shape[1:]
-        return self.interval(lower, upper)
+    def propagate(self, box: Interval) -> Interval:
+        self.in_shape = box.shape[1:]
+        return Interval(ends=self.interval(*box.ends()))
 
-    def interval_spec(self, lower: torch.Tensor, upper: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
-        out_lower, out_upper = self.propagate_interval(lower, upper)
+    def propagate_interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
+        """``propagate`` for a box given by its ends, returning ends."""
+        return self.propagate(Interval(ends=(lower, upper))).ends()
+
+    def interval_spec(self, box: Interval, spec: torch.Tensor) -> torch.Tensor:
+        out_lower, out_upper = self.propagate(box).ends()
         return _spec_lower(spec, out_lower.flatten(1), out_upper.flatten(1))
 
     def backward(
@@ -103,11 +161,16 @@ class Affine(BoundLayer):
         """(lam A, lam b) for lam (B, S, *out)."""
         raise NotImplementedError
 
+    def image(self, centre: torch.Tensor, radius: torch.Tensor) -> Box:
+        """(A c + b, |A| r): the centre and radius of the image of the box with centre c and radius r."""
+        return self.apply(centre), self.apply_abs(radius)
+
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
-        # Halved in place (× 0.5 is exact, as / 2 is): one allocation less per end, a cheaper gradient.
-        centre = self.apply(torch.add(upper, lower).mul_(0.5))
-        radius = self.apply_abs(torch.sub(upper, lower).mul_(0.5))
-        return centre - radius, centre + radius
+        return self.propagate_interval(lower, upper)
+
+    def propagate(self, box: Interval) -> Interval:
+        self.in_shape = box.shape[1:]
+        return Interval(image=self.image(*box.centred()))
 
     def backward(
         self, lam: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None
@@ -146,12 +209,13 @@ class Linear(Affine):
         offset = lam.new_zeros(lam.shape[:2]) if self.bias is None else lam @ self.bias
         return lam @ self.weight, offset
 
-    def interval_spec(self, lower: torch.Tensor, upper: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
-        self.in_shape = lower.shape[1:]
+    def interval_spec(self, box: Interval, spec: torch.Tensor) -> torch.Tensor:
+        self.in_shape = box.shape[1:]
         merged = torch.einsum("bsk,kh->bsh", spec, self.weight)
         bias = 0.0 if self.bias is None else spec @ self.bias
-        centre = torch.einsum("bsh,bh->bs", merged, (upper + lower) / 2) + bias
-        radius = torch.einsum("bsh,bh->bs", merged.abs(), (upper - lower) / 2)
+        box_centre, box_radius = box.centred()
+        centre = torch.einsum("bsh,bh->bs", merged, box_centre) + bias
+        radius = torch.einsum("bsh,bh->bs", merged.abs(), box_radius)
         return centre - radius
 
 
@@ -303,6 +367,10 @@ class Flatten(BoundLayer):
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
         return lower.flatten(1), upper.flatten(1)
 
+    def propagate(self, box: Interval) -> Interval:
+        self.in_shape = box.shape[1:]
+        return box.map(lambda t: t.flatten(1))
+
     def backward(
         self, lam: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +395,12 @@ class ReLU(BoundLayer):
     def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
         # relu, not clamp: the same values, and torch 1.13's clamp gradient is a slow select.
         return torch.relu(lower), torch.relu(upper)
+
+    def propagate(self, box: Interval) -> Interval:
+        if box.image is None:
+            return super().propagate(box)
+        self.in_shape = box.shape[1:]
+        return Interval(relu_of=box.image, centred_form=interval_relu(*box.image))
 
     @staticmethod
     def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

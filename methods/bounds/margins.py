@@ -17,7 +17,7 @@ from torch import nn
 from methods.base import MethodError
 from methods.bounds.alpha import alpha_crown_margins
 from methods.bounds.engine import BoundNet
-from methods.bounds.layers import Box
+from methods.bounds.layers import Box, Interval
 from methods.bounds.rounding import rounding_errors
 
 BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -44,16 +44,24 @@ class MarginBounds:
     ``logits`` (B, K) come from the clean pass that the bounds share (with training-mode BatchNorm, the
     same batch statistics), so a training step needs no separate forward pass. ``margins[method]`` is
     (B, K−1). ``relu_inputs`` are the IBP boxes of every ReLU input and ``normalised_input`` the IBP box
-    after the leading normalisation layers (both only when an IBP pass ran): Shi et al.'s regularisers
-    read them. ``crown_relu_boxes``: the ReLU input boxes of full CROWN by layer position (when it ran),
-    which the rounding error bound of its relaxations needs.
+    after the leading normalisation layers (both only when an IBP pass ran, their ends formed on first
+    use): Shi et al.'s regularisers read them. ``crown_relu_boxes``: the ReLU input boxes of full CROWN by
+    layer position (when it ran), which the rounding error bound of its relaxations needs.
     """
 
     logits: torch.Tensor
     margins: dict[str, torch.Tensor]
-    relu_inputs: list[Box] = field(default_factory=list)
-    normalised_input: Box | None = None
+    relu_intervals: list[Interval] = field(default_factory=list)
+    normalised_interval: Interval | None = None
     crown_relu_boxes: dict[int, Box] | None = None
+
+    @property
+    def relu_inputs(self) -> list[Box]:
+        return [box.ends() for box in self.relu_intervals]
+
+    @property
+    def normalised_input(self) -> Box | None:
+        return None if self.normalised_interval is None else self.normalised_interval.ends()
 
 
 def compute_margin_bounds(
@@ -86,13 +94,13 @@ def compute_margin_bounds(
     x_box = input_box(x, eps, lo, hi)
     out = MarginBounds(logits=logits, margins={})
     if "ibp" in methods or "crown-ibp" in methods:
-        boxes = net.interval_boxes(*x_box)
-        out.relu_inputs = [boxes[i] for i in net.relu_positions]
-        out.normalised_input = boxes[net.normalised_position] if net.normalised_position < len(boxes) else None
+        boxes = net.intervals(*x_box)
+        out.relu_intervals = [boxes[i] for i in net.relu_positions]
+        out.normalised_interval = boxes[net.normalised_position] if net.normalised_position < len(boxes) else None
         if "ibp" in methods:
             out.margins["ibp"] = net.ibp_spec(boxes, spec)
         if "crown-ibp" in methods:
-            relu_boxes = {i: boxes[i] for i in net.relu_positions}
+            relu_boxes = {i: boxes[i].ends() for i in net.relu_positions}
             out.margins["crown-ibp"] = net.backward(spec, len(net.layers), relu_boxes, x_box)
     if "crown" in methods or "alpha-crown" in methods:
         out.crown_relu_boxes = net.crown_relu_boxes(x_box, memory_bytes)

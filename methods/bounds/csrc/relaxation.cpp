@@ -1,4 +1,5 @@
-// Fused CPU steps of the CROWN backward pass (methods/bounds/fused.py says when they are used and why).
+// Fused CPU steps of the bound engine: the ReLU relaxation and the final concretisation of the CROWN backward
+// pass, and the interval (IBP) step through a ReLU (methods/bounds/fused.py says when they are used and why).
 //
 // Coefficients lam are (B, S, N) float32 rows, contiguous; per-neuron vectors (B, N). Every coefficient
 // produced is one rounded product, exactly as in the torch formulation (methods/bounds/functional.py);
@@ -141,6 +142,43 @@ void concretize_backward(ptr lam_p, ptr centre_p, ptr radius_p, ptr grad_p, int6
   });
 }
 
+// IBP through a ReLU, from the centre C and radius R of the box of its input (an affine layer's image) to the
+// centre and radius of the box of its output: l = C − R, u = C + R, then (relu(u) + relu(l))·½ and
+// (relu(u) − relu(l))·½. These are the operations of the torch formulation (functional.interval_relu) in
+// the same order, so the results are equal bit for bit. relu keeps NaN, as torch's does.
+inline float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+void interval_relu_forward(ptr centre_p, ptr radius_p, int64_t N, ptr out_centre_p, ptr out_radius_p) {
+  const float *centre = cf(centre_p), *radius = cf(radius_p);
+  float *out_centre = mf(out_centre_p), *out_radius = mf(out_radius_p);
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float lower = relu(centre[n] - radius[n]), upper = relu(centre[n] + radius[n]);
+      out_centre[n] = (upper + lower) * 0.5f;
+      out_radius[n] = (upper - lower) * 0.5f;
+    }
+  });
+}
+
+// Its gradients, as autograd composes them for the torch formulation: each end's gradient ½g_c ± ½g_r where
+// that end's relu output is positive (threshold_backward keeps NaN's gradient, as here) and 0 elsewhere;
+// then g_C = g_u + g_l and g_R = g_u − g_l. Every sum has two terms, so its order cannot change the result.
+void interval_relu_backward(ptr centre_p, ptr radius_p, ptr grad_centre_p, ptr grad_radius_p, int64_t N,
+                            ptr out_centre_p, ptr out_radius_p) {
+  const float *centre = cf(centre_p), *radius = cf(radius_p);
+  const float *grad_centre = cf(grad_centre_p), *grad_radius = cf(grad_radius_p);
+  float *out_centre = mf(out_centre_p), *out_radius = mf(out_radius_p);
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float half_centre = grad_centre[n] * 0.5f, half_radius = grad_radius[n] * 0.5f;
+      const float grad_upper = centre[n] + radius[n] <= 0.0f ? 0.0f : half_centre + half_radius;
+      const float grad_lower = centre[n] - radius[n] <= 0.0f ? 0.0f : half_centre - half_radius;
+      out_centre[n] = grad_upper + grad_lower;
+      out_radius[n] = grad_upper - grad_lower;
+    }
+  });
+}
+
 }  // namespace
 
 namespace py = pybind11;
@@ -151,4 +189,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_backward", &relu_backward, nogil());
   m.def("concretize_forward", &concretize_forward, nogil());
   m.def("concretize_backward", &concretize_backward, nogil());
+  m.def("interval_relu_forward", &interval_relu_forward, nogil());
+  m.def("interval_relu_backward", &interval_relu_backward, nogil());
 }
