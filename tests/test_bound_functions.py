@@ -258,7 +258,7 @@ def plain_crown_ibp(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps:
     net = BoundNet(model)
     logits = net.forward(x)
     x_box = input_box(x, eps)
-    boxes = [box.ends() for box in net.intervals(*x_box)]
+    boxes = net.interval_boxes(*x_box)
     lam = margin_spec(y, logits.shape[1], x.dtype)
     offset = lam.new_zeros(lam.shape[:2])
     for i in range(len(net.layers) - 1, -1, -1):

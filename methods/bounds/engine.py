@@ -67,6 +67,10 @@ class BoundNet:
             boxes.append(layer.propagate(boxes[-1]))
         return boxes
 
+    def interval_boxes(self, lower: torch.Tensor, upper: torch.Tensor) -> list[Box]:
+        """The ends of every box of ``intervals``."""
+        return [box.ends() for box in self.intervals(lower, upper)]
+
     def ibp_spec(self, boxes: list[Interval], spec: torch.Tensor) -> torch.Tensor:
         """IBP lower bounds (B, S) of spec (B, S, K) @ logits, the spec merged into the last layer."""
         return self.layers[-1].interval_spec(boxes[-1], spec)

@@ -148,7 +148,7 @@ class MilpVerifier:
         """Pre-activation boxes of every ReLU for one float64 input box: CROWN's ∩ IBP's, widened."""
         with torch.no_grad():
             self.net.forward(x_box[0])
-            ibp = [box.ends() for box in self.net.intervals(*x_box)]
+            ibp = self.net.interval_boxes(*x_box)
             crown = self.net.crown_relu_boxes(x_box, DEFAULT_MEMORY_BYTES)
         return {k: (torch.maximum(ibp[k][0], crown[k][0]) - BOX_WIDENING,
                     torch.minimum(ibp[k][1], crown[k][1]) + BOX_WIDENING) for k in self.relus}
