@@ -102,6 +102,7 @@ def finished(tmp_path: Path) -> Path:
     ('lr="x"', "config key lr must be a number, got 'x'"),
     ("width=true", "config key width must be an integer, got True"),
     ("p_start_epoch=99", "p_start_epoch ≤ p_stop_epoch ≤ epochs"),
+    ("eps_end_epoch=2", "no ε ramp for this loss: it divides the margins by 2ε"),
     ("=3", "--set expects key=value"),
 ])
 def test_bad_overrides_are_refused_before_any_work(override: str, needle: str, finished: Path) -> None:

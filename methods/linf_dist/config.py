@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal
+from typing import ClassVar, Literal
 
 from methods.schema import require
 
 
 @dataclass(frozen=True)
 class LinfDistConfig:
+    margin_loss: ClassVar[bool] = False
+    """True where the loss divides the margins by 2ε (θ = 2ε): then ε must be positive from the first step."""
+
     depth: int
     width: int
     identity_val: float
@@ -49,6 +52,9 @@ class LinfDistConfig:
                 "need 0 ≤ p_start_epoch ≤ p_stop_epoch ≤ epochs")
         require(0 <= self.eps_start_epoch <= self.eps_end_epoch <= self.epochs, owner,
                 "need 0 ≤ eps_start_epoch ≤ eps_end_epoch ≤ epochs")
+        require(not self.margin_loss or self.eps_end_epoch == self.eps_start_epoch, owner,
+                "no ε ramp for this loss: it divides the margins by 2ε, which a ramp starts at 0 "
+                "(set eps_end_epoch = eps_start_epoch)")
         require(1 <= self.p_begin <= self.p_end, owner, "need 1 ≤ p_begin ≤ p_end")
         require(self.lr > 0 and self.adam_eps > 0, owner, "lr and adam_eps must be positive")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), owner,
@@ -64,6 +70,8 @@ class LinfDistConfig:
 class HybridConfig(LinfDistConfig):
     """The 2022 clipped hinge + scaled cross-entropy: λ decays from ``lam0`` to ``lam_end``."""
 
+    margin_loss: ClassVar[bool] = True
+
     learnable_scale: bool
     scalar_lr: float
     lam0: float
@@ -73,6 +81,8 @@ class HybridConfig(LinfDistConfig):
 @dataclass(frozen=True)
 class HingeConfig(LinfDistConfig):
     """The 2021 hinge loss, mixed with cross-entropy by ``hinge_mix``."""
+
+    margin_loss: ClassVar[bool] = True
 
     hinge_mix: float
     learnable_scale: bool = False
