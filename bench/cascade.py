@@ -51,6 +51,8 @@ class StageRecord:
     falsified: int
     unknown_after: int
     seconds: float
+    skipped: str | None = None
+    """Why the verifier refused this model (e.g. full CROWN too costly for it), its points left as they were."""
 
     @property
     def decided(self) -> int:
@@ -58,7 +60,7 @@ class StageRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "decided": self.decided, "seconds": round(self.seconds, 3),
-                "seconds_per_point": round(self.seconds / self.tried, 4) if self.tried else None}
+                "seconds_per_point": round(self.seconds / self.tried, 4) if self.tried and not self.skipped else None}
 
 
 @dataclass
@@ -117,21 +119,29 @@ def run_cascade(method: registry.Method, model: nn.Module, images: torch.Tensor,
                                                      n, out))
         if progress:
             s = out.stages[-1]
-            print(f"  {name}: {s.tried} tried, {s.certified} certified, {s.falsified} falsified, "
+            print(f"  {name}: skipped ({s.skipped})" if s.skipped else
+                  f"  {name}: {s.tried} tried, {s.certified} certified, {s.falsified} falsified, "
                   f"{s.seconds / max(1, s.tried):.2f} s/point", file=sys.stderr)
     return out
 
 
 def _stage(out: Cascade, name: str, work) -> None:
+    """Run one stage on the open points. A verifier that refuses the model (``MethodError``: e.g. full CROWN on
+    a CNN too large for it) does not end the cascade: the stage is recorded as skipped, with the reason,
+    and the later stages see the same points (decisions it made before refusing stand: each is sound)."""
     tried = out.open()
     before = out.counts()
     start = time.perf_counter()
+    skipped = None
     if tried:
-        work(tried)
+        try:
+            work(tried)
+        except registry.MethodError as exc:
+            skipped = str(exc)
     after = out.counts()
     out.stages.append(StageRecord(name, len(tried), after["certified"] - before["certified"],
                                   after["falsified"] - before["falsified"], after["unknown"],
-                                  time.perf_counter() - start))
+                                  time.perf_counter() - start, skipped))
 
 
 def _attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, positions: list[int],
@@ -242,9 +252,11 @@ def summary(root: Path) -> tuple[str, bytes]:
         band, names = [], []
         for stage in record["stages"]:
             per_point = stage["seconds_per_point"]
+            timing = "" if per_point is None else f"{per_point:.3f}"
+            if stage.get("skipped"):
+                timing = f"skipped: {stage['skipped']}"
             lines.append(f"| {key} | {n} | {stage['name']} | {stage['tried']} | {stage['certified']} | "
-                         f"{stage['falsified']} | {stage['unknown_after']} | "
-                         f"{'' if per_point is None else f'{per_point:.3f}'} |")
+                         f"{stage['falsified']} | {stage['unknown_after']} | {timing} |")
             if stage["name"] != ATTACK_STAGE:
                 band.append(100 * stage["unknown_after"] / n)
                 names.append(stage["name"])

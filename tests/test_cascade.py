@@ -62,6 +62,26 @@ def test_cascade_on_a_fixed_checkpoint(tmp_path, data_dir, one_thread):
     assert (tmp_path / "cascade.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.skipif(not FIXED_IBP.exists(), reason="fixed checkpoints not present")
+def test_a_verifier_that_refuses_the_model_is_skipped_with_its_reason(tmp_path, data_dir, one_thread, monkeypatch):
+    """Full CROWN (and the MILP, which needs its boxes) refuse models above a cost limit, as on CNN-7 for
+    CIFAR-10: the cascade records those stages as skipped, with the reason, and goes on."""
+    from methods.bounds import engine
+
+    monkeypatch.setattr(engine, "CROWN_MAX_ELEMENTS", 1.0)
+    assert main(["cascade", str(FIXED_IBP), "--points", "40", "--stages", "crown,milp,ibp", "--into", str(tmp_path),
+                 "--data-dir", str(data_dir), "--no-progress"]) == 0
+    record = json.loads((tmp_path / KEY / "cascade.json").read_text())
+    crown, milp, ibp = record["stages"][1:]
+    for stage in (crown, milp):
+        assert "full CROWN" in stage["skipped"]
+        assert (stage["certified"], stage["falsified"], stage["seconds_per_point"]) == (0, 0, None)
+        assert stage["tried"] == stage["unknown_after"] == ibp["tried"] > 0
+    assert ibp["skipped"] is None and ibp["certified"] > 0
+    assert main(["cascade", "--summary", str(tmp_path)]) == 0
+    assert "skipped: full CROWN" in (tmp_path / "cascade.md").read_text()
+
+
 def test_cascade_refuses_a_verifier_the_method_lacks(tmp_path, capsys):
     if not FIXED_IBP.exists():
         pytest.skip("fixed checkpoints not present")
