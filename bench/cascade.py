@@ -258,7 +258,8 @@ def summary(root: Path) -> tuple[str, bytes]:
             lines.append(f"| {key} | {n} | {stage['name']} | {stage['tried']} | {stage['certified']} | "
                          f"{stage['falsified']} | {stage['unknown_after']} | {timing} |")
             if stage["name"] != ATTACK_STAGE:
-                band.append(100 * stage["unknown_after"] / n)
+                # A skipped stage decided nothing because it did not run: a gap in the line, not a flat step.
+                band.append(float("nan") if stage.get("skipped") else 100 * stage["unknown_after"] / n)
                 names.append(stage["name"])
         lines.append(f"| {key} | {n} | final | | {record['counts']['certified']} | {record['counts']['falsified']} "
                      f"(clean or recorded attacks: {attacked}) | {record['counts']['unknown']} | |")
