@@ -5,9 +5,10 @@ per-batch state such as training-mode BatchNorm statistics never leaks between c
 
 * ``forward(x)``: the clean pass (B, *in) -> (B, *out); records the input shape and, for BatchNorm in
   training mode, the clean batch's statistics that the bound rules then reuse (Shi et al. 2021);
-* ``interval(lower, upper)``: interval bound propagation of a box, both (B, *in) -> (B, *out);
-  ``propagate(interval)`` does the same for an ``Interval``, a box in whichever form the layer before left
-  it (affine layers and a ReLU after one work on centre and radius; see ``Interval``);
+* ``propagate(interval)``: interval bound propagation of an ``Interval``, a box in whichever form the layer
+  before left it, (B, *in) -> (B, *out); affine layers and a ReLU after one work on centre and radius,
+  Flatten reshapes every form, and the other kinds state their rule on the box's ends as
+  ``interval(lower, upper)``. ``propagate_interval(lower, upper)`` is the same for a box given by its ends;
 * ``interval_spec(interval, spec)``: lower bounds of ``spec @ output`` for spec (B, S, K) when this is
   the last layer; the default bounds the output box and multiplies by the spec, a Linear layer merges the
   spec into its weight instead ("elision", spec §3.6: strictly tighter, and what every reference does);
@@ -45,9 +46,9 @@ Box = tuple[torch.Tensor, torch.Tensor]
 
 class Interval:
     """An IBP box held in the form the layer that made it left it: its ends, an affine layer's *image*
-    (centre C and radius R; the ends are C ∓ R), or, after a ReLU on such an image, the centre and radius of
-    [relu(C − R), relu(C + R)]. Every other form is derived on first use by the operations the box-form
-    rules (``interval``) use, so every value is the same, bit for bit, whichever form a layer asks for.
+    (centre C and radius R; the ends are C ∓ R), or, after a ReLU on such an image, its centre and radius
+    with a rule that derives its ends. Every other form is derived on first use by the operations the
+    box-form rules use, so every value is the same, bit for bit, whichever form a layer asks for.
 
     Why: a ReLU right after an affine layer goes from the image to its own output's centre and radius in one
     fused step (``functional.interval_relu``), where forming the ends, their relus and the next layer's centre
@@ -55,16 +56,17 @@ class Interval:
     where a rule or a caller needs them (CROWN-IBP's relaxations, the warm-up regularisers).
     """
 
-    def __init__(self, ends: Box | None = None, image: Box | None = None, relu_of: Box | None = None,
-                 centred_form: Box | None = None):
-        if ends is None and image is None and relu_of is None:
-            raise ValueError("an Interval needs its ends, an affine image, or the image a ReLU was applied to")
-        self._ends, self.image, self._relu_of, self._centred = ends, image, relu_of, centred_form
+    def __init__(self, ends: Box | None = None, image: Box | None = None, centred_form: Box | None = None,
+                 derive_ends: Callable[[], Box] | None = None):
+        if ends is None and image is None and (centred_form is None or derive_ends is None):
+            raise ValueError("an Interval needs its ends, an affine image, or a centre and radius with a rule "
+                             "for its ends")
+        self._ends, self.image, self._centred, self._derive_ends = ends, image, centred_form, derive_ends
 
     @property
     def shape(self) -> torch.Size:
         """The shape of one end: (B, *neurons)."""
-        held = self._ends or self.image or self._relu_of
+        held = self._ends or self.image or self._centred
         assert held is not None
         return held[0].shape
 
@@ -74,9 +76,8 @@ class Interval:
                 c, r = self.image
                 self._ends = (c - r, c + r)
             else:
-                assert self._relu_of is not None
-                c, r = self._relu_of
-                self._ends = (torch.relu(c - r), torch.relu(c + r))
+                assert self._derive_ends is not None
+                self._ends = self._derive_ends()
         return self._ends
 
     def centred(self) -> Box:
@@ -90,7 +91,8 @@ class Interval:
         """The same box with ``fn`` (a reshape) applied to every form held."""
         def both(pair: Box | None) -> Box | None:
             return None if pair is None else (fn(pair[0]), fn(pair[1]))
-        return Interval(both(self._ends), both(self.image), both(self._relu_of), both(self._centred))
+        derive = None if self._derive_ends is None else lambda: both(self.ends())
+        return Interval(both(self._ends), both(self.image), both(self._centred), derive)
 
 
 class BoundLayer:
@@ -164,9 +166,6 @@ class Affine(BoundLayer):
     def image(self, centre: torch.Tensor, radius: torch.Tensor) -> Box:
         """(A c + b, |A| r): the centre and radius of the image of the box with centre c and radius r."""
         return self.apply(centre), self.apply_abs(radius)
-
-    def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
-        return self.propagate_interval(lower, upper)
 
     def propagate(self, box: Interval) -> Interval:
         self.in_shape = box.shape[1:]
@@ -364,9 +363,6 @@ class Flatten(BoundLayer):
         if module.start_dim != 1 or module.end_dim != -1:
             raise MethodError("only nn.Flatten(start_dim=1, end_dim=-1) is supported")
 
-    def interval(self, lower: torch.Tensor, upper: torch.Tensor) -> Box:
-        return lower.flatten(1), upper.flatten(1)
-
     def propagate(self, box: Interval) -> Interval:
         self.in_shape = box.shape[1:]
         return box.map(lambda t: t.flatten(1))
@@ -400,7 +396,9 @@ class ReLU(BoundLayer):
         if box.image is None:
             return super().propagate(box)
         self.in_shape = box.shape[1:]
-        return Interval(relu_of=box.image, centred_form=interval_relu(*box.image))
+        # The ends, when asked for, come from this rule on the input's ends (formed once, and shared with
+        # whoever else reads them, e.g. CROWN-IBP's relaxations).
+        return Interval(centred_form=interval_relu(*box.image), derive_ends=lambda: self.interval(*box.ends()))
 
     @staticmethod
     def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
