@@ -64,7 +64,7 @@ def test_cascade_on_a_fixed_checkpoint(tmp_path, data_dir, one_thread):
 
 @pytest.mark.skipif(not FIXED_IBP.exists(), reason="fixed checkpoints not present")
 def test_a_verifier_that_refuses_the_model_is_skipped_with_its_reason(tmp_path, data_dir, one_thread, monkeypatch):
-    """Full CROWN (and the MILP, which needs its boxes) refuse models above a cost limit, as on CNN-7 for
+    """Full CROWN (and the MILP, which needs its boxes) refuse models above a cost limit, as DM-large on
     CIFAR-10: the cascade records those stages as skipped, with the reason, and goes on."""
     from methods.bounds import engine
 

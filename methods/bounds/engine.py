@@ -16,10 +16,13 @@ from methods.base import MethodError
 from methods.bounds.functional import concretize
 from methods.bounds.layers import Box, BoundLayer, Interval, Normalization, ReLU, bound_layers
 
-CROWN_MAX_ELEMENTS = 1e9
+CROWN_MAX_ELEMENTS = 4e9
 """Refuse full CROWN when its backward passes would touch more coefficient entries than this per
-example: a proxy for time, ~2 s per 1e8 on one CPU core (DM-small on MNIST needs ~8e7, DM-large on
-CIFAR ~1e11). Memory is bounded separately, by processing identity rows in blocks."""
+example: a proxy for time, ~0.5 s per 1e8 on one CPU core of a 2-vCPU Xeon (measured one point at a
+time: DM-small MNIST, ~8e7, 0.48 s; CNN-7 MNIST, ~1.6e9, 7.6 s; CNN-7 CIFAR-10, ~3e9, 17 s). The limit
+admits CNN-7 (Shi et al.'s model), so a cascade reaches its few open points, and refuses DM-large on
+CIFAR-10 (~1e11, some ten minutes a point). Memory is bounded separately, by processing identity rows
+in blocks (CNN-7 CIFAR-10: 1.8 GB peak)."""
 
 
 COEFFICIENT_BLOCK_BYTES = 8 * 2**20
