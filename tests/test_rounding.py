@@ -16,7 +16,7 @@ from bench.config import load_suite
 from bench.data import dataset_info, load_split
 from methods import base as registry
 from methods.base import MethodError
-from methods.bounds import compute_margin_bounds, input_box, margin_lower_bounds, margin_spec
+from methods.bounds import certified, compute_margin_bounds, input_box, margin_lower_bounds, margin_spec
 from methods.bounds.rounding import gamma, product_rounding, rounding_errors, unit_roundoff
 from methods.linf_dist.layers import set_p
 from methods.linf_dist.models import linf_dist_mlp, linf_dist_net
@@ -58,6 +58,29 @@ def test_slack_bounds_the_float32_error_of_the_bound_engine(method: str) -> None
     error = (ours.margins[method].double() - exact).abs()
     assert (error <= allowed).all()
     assert error.max() > 0  # float32 did round: the comparison is not vacuous
+
+
+def test_a_float64_copy_bounds_the_float32_forward_pass_and_its_own_error_is_negligible() -> None:
+    """certify_margins bounds a float32 model on an exact float64 copy: the forward error bound computed
+    there with arithmetic=float32 must cover the float32 model anywhere in the box (corners included), and
+    the float64 computation's own error bounds are u64 / u32 = 2^-29 of a float32 computation's, up to the
+    γ's n u terms."""
+    torch.manual_seed(0)
+    model = randomised(cnn())
+    wide = copy.deepcopy(model).double()
+    x, eps = torch.rand(16, 2, 8, 8), 0.05
+    box = input_box(x.double(), eps)
+    deployed = rounding_errors(wide, *box, arithmetic=torch.float32).interval
+    computed = rounding_errors(wide, *box)
+    steps = torch.cat([torch.rand_like(x) * 2 - 1, torch.sign(torch.randn_like(x))])
+    points = (x.repeat(2, 1, 1, 1) + eps * steps).clamp(0, 1)
+    with torch.no_grad():
+        drift = (model(points).double() - wide(points.double())).abs()
+    assert (drift <= deployed.repeat(2, 1)).all()
+    assert drift.max() > 0
+    in_float32 = rounding_errors(model, *input_box(x, eps))
+    assert (computed.interval <= 2.0**-28 * deployed).all()
+    assert (computed.linear <= 2.0**-28 * in_float32.linear).all()
 
 
 @pytest.mark.parametrize("build", [
@@ -143,10 +166,16 @@ def test_the_slack_changes_almost_no_decision_of_a_trained_model(data_dir: Path,
     for bound in ("ibp", "crown-ibp"):
         sound = method.certify(model, x, y, float(EPS), bound).certified
         with torch.no_grad():
-            unrounded = (margin_lower_bounds(model, x, y, float(EPS), bound) > 0).all(dim=1)
+            lower = margin_lower_bounds(model, x, y, float(EPS), bound)
+            errors = rounding_errors(model, *input_box(x, float(EPS)))
+            spec = margin_spec(y, 10)
+            in_float32 = certified(lower, errors.forward_slack(spec) + errors.bound_slack(spec, bound))
+        unrounded = (lower > 0).all(dim=1)
         changed = int((unrounded & ~sound).sum())
         print(f"\n{bound}: {int(unrounded.sum())} of {TEST_IMAGES} certified without the slack, "
-              f"{int(sound.sum())} with it ({changed} changed)")
+              f"{int(sound.sum())} with it ({changed} changed), {int(in_float32.sum())} with bounds and slack "
+              "in float32")
         assert not (sound & ~unrounded).any()
+        assert not (in_float32 & ~sound).any()  # float64 bounds only ever shrink the slack
         assert unrounded.sum() > 0
         assert changed <= 0.02 * int(unrounded.sum())
