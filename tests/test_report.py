@@ -5,6 +5,7 @@ Golden files are rewritten only on purpose: ``CERTBENCH_UPDATE_GOLDEN=1 pytest t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from fractions import Fraction
@@ -14,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.config import load_suite
+from bench.report import records
 from bench.report import build_suite_report, suite_table_markdown, write_suite_report
 from bench.report.table import Stat, display_eps, stat_text
+from bench.store import dump_config
 from methods.base import MethodCard
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
@@ -31,6 +35,18 @@ CARDS = {
 }
 
 
+JUDGE_STALE = records._stale
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fixture_configs_are_not_judged():
+    """The fixture configs are made up: whether they are today's suite recipes is not for the goldens to pin
+    (test_a_row_finished_under_an_earlier_recipe_is_marked checks the mark with the real judgement)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records, "_stale", lambda rec, eps: False)
+        yield
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -43,6 +59,29 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for scale, suite in SUITES:
         write_suite_report(root, scale, suite, cards=CARDS)
     return root
+
+
+def test_a_row_finished_under_an_earlier_recipe_is_marked(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result made under another config than the suite file gives its cell now gets the ‖ mark and its
+    footnote; the same result under today's config gets no mark."""
+    monkeypatch.setattr(records, "_stale", JUDGE_STALE)
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    result = tmp_path / "smoke/mnist/mnist/eps_1-10/ibp/seed0/result.json"
+    record = json.loads(result.read_text())
+    today = dump_config(load_suite("mnist").method_config("ibp", "smoke", Fraction(1, 10), {}))
+    pages = {}
+    for name, config in (("current", today), ("earlier", {**today, "epochs": int(today["epochs"]) + 1})):
+        result.write_text(json.dumps({**record, "config": config}))
+        write_suite_report(tmp_path, "smoke", "mnist", cards=CARDS)
+        pages[name] = (tmp_path / "smoke/mnist/report.md").read_text()
+
+    def ibp_row(page: str) -> str:
+        return next(line for line in page.splitlines() if "ours (ibp" in line and "| 0.1 " in line)
+
+    assert "‖" not in ibp_row(pages["current"])
+    assert "ours (ibp, seed 0) ‖" in ibp_row(pages["earlier"])
+    assert "‖ certbench: this run finished under an earlier recipe" in pages["earlier"]
 
 
 @pytest.mark.parametrize("scale,suite", SUITES)

@@ -61,6 +61,8 @@ class Run:
     assumed: Mapping[str, str] = field(default_factory=dict)
     """Config keys whose value is our assumption (not a published one) -> the reason (``_assumed``)."""
     apgd: float | None = None
+    stale: bool = False
+    """Finished under another config than the suite file gives its cell now (``_stale``)."""
     """Accuracy under PGD and the APGD ensemble together; ``None`` where the ensemble did not run (results
     written before it existed, or with ``--attack pgd``)."""
 
@@ -170,6 +172,7 @@ def _run(root: Path, loaded: LoadedResult) -> Run:
         folder=loaded.folder,
         variant=variant,
         assumed=_assumed(rec, eps),
+        stale=not tag and _stale(rec, eps),
         apgd=None if "apgd" not in metrics else float(metrics["apgd"]),
     )
 
@@ -189,6 +192,18 @@ def _assumed(rec: Mapping[str, Any], eps: Fraction) -> dict[str, str]:
     current = dump_config(suite.method_config(method, scale, eps, {}))
     recorded = rec.get("config", {})
     return {k: why for k, why in marks.items() if recorded.get(k) == current.get(k)}
+
+
+def _stale(rec: Mapping[str, Any], eps: Fraction) -> bool:
+    """Whether a suite recipe's record was made under another config than its suite file gives now (what
+    ``bench status`` calls stale); False where the suite or method is not known here. ``--set`` variants are
+    not judged: their config is the recipe's with overrides the tag only names."""
+    cell = rec["cell"]
+    suite = _suite(str(cell["suite"]))
+    if suite is None or cell["method"] not in suite.method_files:
+        return False
+    current = dump_config(suite.method_config(str(cell["method"]), str(cell["scale"]), eps, {}))
+    return rec.get("config") != current
 
 
 @functools.cache

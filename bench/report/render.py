@@ -75,7 +75,7 @@ def csv_text(frame: pd.DataFrame) -> str:
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--", "−": "$-$", "†": r"\dag{}",
-    "‡": r"\ddag{}", "ε": r"$\varepsilon$", "Δ": r"$\Delta$", "ℓ": r"$\ell$", "∞": r"$\infty$",
+    "‡": r"\ddag{}", "‖": r"$\|$", "ε": r"$\varepsilon$", "Δ": r"$\Delta$", "ℓ": r"$\ell$", "∞": r"$\infty$",
     "λ": r"$\lambda$", "·": r"$\cdot$",
 }
 

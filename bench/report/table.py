@@ -30,6 +30,8 @@ NUMERIC_COLUMNS = ("Clean", "PGD", "APGD", "Certified", "Unknown", "Δ Cert.", "
 certified accuracy, in points: test points that neither a verifier certified nor an attack broke."""
 ASSUMED_MARK = "§"
 """The footnote (``results/reference/notes.csv``) of our rows whose config holds a value we assumed."""
+STALE_MARK = "‖"
+"""The footnote of our rows whose runs finished under an earlier recipe than the suite file's."""
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,9 @@ def _our_row(label: str, method: str, runs: list[Run], paper: ReferenceRow | Non
         delta = stats["certified"].median - paper.certified
     who = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds"
     assumed = {k: why for r in runs for k, why in r.assumed.items()}
-    notes = "; ".join([ASSUMED_MARK, *(f"assumed {k}: {why}" for k, why in sorted(assumed.items()))]
-                      ) if assumed else ""
+    notes = "; ".join(([STALE_MARK] if any(r.stale for r in runs) else [])
+                      + ([ASSUMED_MARK, *(f"assumed {k}: {why}" for k, why in sorted(assumed.items()))]
+                         if assumed else []))
     if runs[0].variant:
         who += f", re-certified with {runs[0].certifier}"
     return TableRow(
