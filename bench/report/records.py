@@ -61,10 +61,10 @@ class Run:
     assumed: Mapping[str, str] = field(default_factory=dict)
     """Config keys whose value is our assumption (not a published one) -> the reason (``_assumed``)."""
     apgd: float | None = None
-    stale: bool = False
-    """Finished under another config than the suite file gives its cell now (``_stale``)."""
     """Accuracy under PGD and the APGD ensemble together; ``None`` where the ensemble did not run (results
     written before it existed, or with ``--attack pgd``)."""
+    stale: bool = False
+    """Finished under another config than the suite file gives its cell now (``_stale``)."""
 
     @property
     def cell(self) -> str:
@@ -183,11 +183,10 @@ def _assumed(rec: Mapping[str, Any], eps: Fraction) -> dict[str, str]:
     one (a value since changed is not what the marker speaks about)."""
     if "assumed" in rec:
         return {str(k): str(v) for k, v in rec["assumed"].items()}
-    cell = rec["cell"]
-    suite = _suite(str(cell["suite"]))
-    if suite is None or cell["method"] not in suite.method_files:
+    found = _suite_recipe(rec)
+    if found is None:
         return {}
-    method, scale = str(cell["method"]), str(cell["scale"])
+    suite, method, scale = found
     marks = assumptions(suite.method_files[method], scale, eps, {}, suite.folder / f"{method}.toml")
     current = dump_config(suite.method_config(method, scale, eps, {}))
     recorded = rec.get("config", {})
@@ -198,12 +197,20 @@ def _stale(rec: Mapping[str, Any], eps: Fraction) -> bool:
     """Whether a suite recipe's record was made under another config than its suite file gives now (what
     ``bench status`` calls stale); False where the suite or method is not known here. ``--set`` variants are
     not judged: their config is the recipe's with overrides the tag only names."""
+    found = _suite_recipe(rec)
+    if found is None:
+        return False
+    suite, method, scale = found
+    return rec.get("config") != dump_config(suite.method_config(method, scale, eps, {}))
+
+
+def _suite_recipe(rec: Mapping[str, Any]) -> tuple[Suite, str, str] | None:
+    """(suite, method, scale) of a record whose suite and method are known here, else ``None``."""
     cell = rec["cell"]
     suite = _suite(str(cell["suite"]))
     if suite is None or cell["method"] not in suite.method_files:
-        return False
-    current = dump_config(suite.method_config(str(cell["method"]), str(cell["scale"]), eps, {}))
-    return rec.get("config") != current
+        return None
+    return suite, str(cell["method"]), str(cell["scale"])
 
 
 @functools.cache

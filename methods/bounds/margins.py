@@ -155,7 +155,8 @@ def certify_margins(
     A float32 model's bounds are computed in float64, on an exact copy of it and over the exact ball: the
     slack is then the float32 forward pass's error bound plus a float64 bound error of ~1e-10, where a
     float32 computation's own error bound cost CROWN-IBP ~6 points of certified accuracy on CIFAR-10 2/255
-    (``methods.bounds.rounding``, orders of magnitude). Float64 convolutions take 2–3× as long on CPU."""
+    (``methods.bounds.rounding``, orders of magnitude). It makes certification 2–8× slower on CPU (float64
+    runs without the fused kernels; README, Certified column)."""
     _check_method(method)
     _check_inputs(x, y, eps, lo, hi)
     deployed = x.dtype
