@@ -271,8 +271,10 @@ def train_model(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split])
     return model, train_s
 
 
-def write_record(cell: Cell, opts: RunOptions, started: datetime, ev: Evaluation, train_s: float) -> dict[str, Any]:
-    """The cell's ``verdicts.csv`` and ``result.json`` from its whole evaluation; ends the cell."""
+def write_record(cell: Cell, opts: RunOptions, started: datetime, ev: Evaluation, train_s: float,
+                 trained: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cell's ``verdicts.csv`` and ``result.json`` from its whole evaluation; ends the cell.
+    ``trained``: the provenance of the run that trained the model, when this one only evaluates it."""
     folder = cell_folder(cell, opts.out)
     _write_verdicts(folder, "verdicts.csv", ev)
     timings = {"train": train_s, **ev.timings_s}
@@ -292,6 +294,8 @@ def write_record(cell: Cell, opts: RunOptions, started: datetime, ev: Evaluation
         "provenance": _provenance(opts, started, timings),
         "files": {"verdicts": "verdicts.csv", "train_log": "train_log.csv", "model": MODEL, "config": "config.json"},
     }
+    if trained is not None:
+        record["provenance"]["trained"] = trained
     atomic_write_json(folder / RESULT_FILE, record)
     (folder / CHECKPOINT).unlink(missing_ok=True)
     slices.remove_parts(folder)
@@ -349,6 +353,36 @@ def certify_cell(cell: Cell, opts: RunOptions, test: datamod.Split, certifier: s
               "files": {**main["files"], "verdicts": verdicts}}
     atomic_write_json(folder / result_file(certifier), record)
     return record
+
+
+def reevaluate_cell(cell: Cell, opts: RunOptions, test: datamod.Split) -> dict[str, Any]:
+    """Evaluate a finished cell's stored model again under the code that runs now (clean, attacks, the
+    method's own certificate) and replace its result; the training and its provenance are kept.
+
+    A result is only as sound as the certificate that made it, and retraining to refresh one would change
+    the model as well: this refreshes the verdicts of the same weights.
+    """
+    from bench import load_model
+
+    folder = cell_folder(cell, opts.out)
+    old = load_result(folder / RESULT_FILE).record["provenance"]
+    started = datetime.now(timezone.utc)
+    model = load_model(folder, str(opts.device))
+    ev = evaluate(registry.get(cell.method), model, test, cell.scale.test_range, float(cell.eps),
+                  AttackPlan.of(cell.scale), cell.scale.eval_batch_size, opts.device, cell.seed, None,
+                  progress=opts.progress)
+    # A model re-evaluated twice keeps the provenance of its training, not of the first re-evaluation.
+    trained = old.get("trained", old)
+    return write_record(cell, opts, started, ev, float(trained["timings_s"]["train"]), trained)
+
+
+def _check_reevaluate(cells: list[Cell], states: dict[Cell, str], out: Path) -> None:
+    """Every finished cell to re-evaluate must have its weights: refused before any work starts."""
+    missing = [c for c in cells if states[c] == "done" and not (cell_folder(c, out) / MODEL).is_file()]
+    if missing:
+        raise BenchError(f"--reevaluate needs each finished cell's {MODEL}, and {len(missing)} lack it (first: "
+                         f"{cell_folder(missing[0], out)}; results folders do not carry weights): retrain those "
+                         "cells instead, or leave them out with --methods / --eps")
 
 
 def extra_certifier_state(cell: Cell, out: Path, certifier: str) -> str:
@@ -436,14 +470,18 @@ def run_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device) if args.executor == "local" else None
     if device is not None:
         ranks, device = distributed.setup(device)
-        if ranks.world > 1 and args.certifier is not None:
-            raise BenchError("--certifier runs in one process; start it without torchrun")
+        if ranks.world > 1 and (args.certifier is not None or args.reevaluate):
+            raise BenchError("--certifier and --reevaluate run in one process; start them without torchrun")
         if ranks.world > 1 and args.eval_shards is not None:
             raise BenchError("--eval-shards splits the evaluation into jobs; under torchrun the ranks already "
                              "evaluate a slice each")
     elif distributed.ranks_from_env(os.environ).world > 1:
         raise BenchError(f"--executor {args.executor} submits jobs; run it in one process, not under torchrun "
                          "(--gpus-per-cell N makes each job use N devices)")
+    if args.reevaluate:
+        if device is None or args.eval_shards is not None:
+            raise BenchError("--reevaluate runs in this process: leave out --executor and --eval-shards")
+        _check_reevaluate(cells, states, out)
     ensure_writable(out)
     kept = [c for c in cells if states[c] == "stale" and not args.replace_stale]
     todo = [c for c in cells if states[c] not in ("done", "running") and c not in kept]
@@ -461,13 +499,18 @@ def run_command(args: argparse.Namespace) -> int:
         return submit_cells(args, suite, todo, out)
     if args.eval_shards is not None:
         return _run_sliced(args, suite.name, todo, out, device)
-    if todo or any(_needs_recertify(c, out, args.certifier) for c in cells if states[c] == "done"):
+    finished = [c for c in cells if states[c] == "done"]
+    if todo or (args.reevaluate and finished) or any(_needs_recertify(c, out, args.certifier) for c in finished):
         root = datamod.data_dir(args.data_dir)
         splits = _load_splits(suite.dataset, root)
         opts = RunOptions(out, root, device, not args.no_progress, versions())
         for i, cell in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {cell.label}", file=sys.stderr)
             _locked(cell, out, lambda c=cell: _train_if_pending(c, opts, splits, args.replace_stale))
+        for cell in finished if args.reevaluate else []:
+            print(f"{cell.label}: re-evaluating its model", file=sys.stderr)
+            _locked(cell, out, lambda c=cell: print(_summary(reevaluate_cell(c, opts, splits[False])),
+                                                    file=sys.stderr))
         for cell in cells:
             if result_state(cell, out) == "done" and _needs_recertify(cell, out, args.certifier):
                 print(f"{cell.label}: certifying with {args.certifier}", file=sys.stderr)
@@ -649,6 +692,10 @@ def register_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--certifier", help="also certify every cell's model with this verifier (ibp, crown-ibp, crown, "
                                        "alpha-crown, milp, linf-interval; default: only the method's own); written "
                                        "beside the cell as result-<certifier>.json")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate the stored model of every finished cell again under this version's code (clean, "
+                        "attacks, the method's own certificate) and replace its result, keeping the training and its "
+                        "provenance: for after a certifier or attack changed. Needs each cell's model.pt")
     p.add_argument("--attack", choices=ATTACKS,
                    help="pgd: the scale's PGD only; apgd: also the APGD-CE + APGD-T ensemble in a column of its own "
                         "(default: the scale's setting); applies to cells that run now")

@@ -95,6 +95,45 @@ def test_another_verifier_adds_a_record_for_the_same_model(smoke_results: Path, 
     assert sorted(r.certifier for r in rows) == ["crown", "ibp"]
 
 
+def test_reevaluate_recomputes_the_verdicts_of_the_same_weights(smoke_results: Path, data_dir: Path,
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --reevaluate` replaces a finished result by today's evaluation of its stored model: a certified
+    count that an older certificate left lower comes back to what this code certifies, the attacks' verdicts
+    (per-point seeds) reproduce, and the training and its provenance are kept."""
+    import shutil
+
+    out = tmp_path / "results"
+    shutil.copytree(smoke_results, out)
+    folder = cell(out, "ibp")
+    own = load_result(folder / "result.json").record
+    verdicts = (folder / "verdicts.csv").read_bytes()
+    assert own["counts"]["certified"] > 0, "the smoke ibp model must certify something for this test to mean anything"
+    older = json.loads(json.dumps(own))
+    older["counts"]["certified"], older["metrics"]["certified"] = 0, 0.0
+    (folder / "result.json").write_text(json.dumps(older))
+    args = ["run", "--suite", "mnist", "--scale", "smoke", "--eps", EPS, "--methods", "ibp", "--reevaluate",
+            "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "re-evaluating its model" in capsys.readouterr().err
+    new = load_result(folder / "result.json").record
+    assert new["counts"] == own["counts"]
+    assert (folder / "verdicts.csv").read_bytes() == verdicts
+    assert new["provenance"]["trained"] == own["provenance"]
+    assert new["provenance"]["timings_s"]["train"] == own["provenance"]["timings_s"]["train"]
+    # A second re-evaluation still names the run that trained the model.
+    assert main(args) == 0
+    assert load_result(folder / "result.json").record["provenance"]["trained"] == own["provenance"]
+    capsys.readouterr()
+
+    (folder / "model.pt").unlink()
+    before = (folder / "result.json").read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --reevaluate needs each finished cell's model.pt") and "Traceback" not in err
+    assert (folder / "result.json").read_bytes() == before
+
+
 def test_a_verifier_a_method_cannot_use_is_a_clear_error(smoke_results: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--suite", "mnist", "--scale", "smoke", "--eps", EPS, "--methods", "linf-dist",
