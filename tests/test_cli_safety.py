@@ -379,18 +379,24 @@ def test_dry_run_counts_the_epochs_a_partial_cell_has_done(tmp_path: Path) -> No
     assert "partial  mnist ε=1/10 linf-dist seed 0  (7 epochs done)" in proc.stdout
 
 
-def test_estimate_leaves_out_finished_epochs() -> None:
+def test_estimate_leaves_out_finished_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seconds per step × the steps left, plus the evaluation: with every timing fixed at 1 s, each finished
+    epoch takes exactly its steps off (real timings, three measurements apart, are too noisy to order)."""
     import torch
 
-    from bench.estimate import estimate_seconds
+    from bench import estimate
 
+    monkeypatch.setattr(estimate, "_timed", lambda fn: (fn(), 1.0)[1])
     (cell,) = load_suite("mnist").cells("smoke", ["linf-dist"], [load_suite("mnist").eps[0]], [0],
                                         {"width": 16, "depth": 2})
-    epochs = int(cell.config["epochs"])
-    fresh = estimate_seconds(cell, torch.device("cpu"), 256)
-    nearly_done = estimate_seconds(cell, torch.device("cpu"), 256, epochs - 1)
-    finished = estimate_seconds(cell, torch.device("cpu"), 256, epochs)
-    assert finished < nearly_done < fresh
+    epochs, n_train = int(cell.config["epochs"]), 256
+    steps = -(-n_train // min(int(cell.config["batch_size"]), n_train))
+    fresh = estimate.estimate_seconds(cell, torch.device("cpu"), n_train)
+    nearly_done = estimate.estimate_seconds(cell, torch.device("cpu"), n_train, epochs - 1)
+    finished = estimate.estimate_seconds(cell, torch.device("cpu"), n_train, epochs)
+    assert fresh - nearly_done == pytest.approx(steps * (epochs - 1), abs=1e-9)
+    assert nearly_done - finished == pytest.approx(steps, abs=1e-9)
+    assert finished > 0  # the evaluation still has to run
 
 
 def test_estimate_of_a_stale_cell_counts_its_whole_retraining(tmp_path: Path,
