@@ -43,8 +43,9 @@ def main(argv: list[str]) -> int:
     counts = {"no slack": 0, "float32": 0, "float64": 0}
     seconds = {"float32": 0.0, "float64": 0.0}
     worst = 0.0
-    for start in range(0, min(args.points, len(split.labels)), args.batch):
-        stop = min(start + args.batch, args.points)
+    n = min(args.points, len(split.labels))
+    for start in range(0, n, args.batch):
+        stop = min(start + args.batch, n)
         x = to_pixels(split.images[start:stop], torch.device("cpu"))
         y = split.labels[start:stop].long()
         began = time.perf_counter()
@@ -65,7 +66,6 @@ def main(argv: list[str]) -> int:
         counts["no slack"] += int((lower > 0).all(dim=1).sum())
         counts["float32"] += int(in_float32.sum())
         counts["float64"] += int(today.sum())
-    n = min(args.points, len(split.labels))
     print(f"{args.cell} {args.method}, {n} points, {torch.get_num_threads()} thread(s)")
     for name, count in counts.items():
         print(f"  {name:9s} {count:6d} certified ({100 * count / n:.2f} %)")
