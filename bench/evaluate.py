@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from bench.attacks import PointStreams, apgd_ensemble, pgd_robust
-from bench.config import ScaleConfig
+from bench.config import Cell, ScaleConfig
 from bench.data import Split, test_batches
 from bench.errors import BenchError
+from methods import base as registry
 from methods.base import Method
 
 VERDICT_COLUMNS = ("index", "label", "clean", "pgd", "certified", "verdict", "apgd", "broken_by")
@@ -235,6 +236,13 @@ def evaluate(method: Method, model: nn.Module, split: Split, index_range: tuple[
         result.certified += cert.certified.cpu().tolist()
         result.broken_by += [_first_break(c, p, b) for c, p, b in zip(clean.tolist(), pgd.tolist(), by_apgd)]
     return result
+
+
+def evaluate_cell(cell: Cell, model: nn.Module, split: Split, index_range: tuple[int, int], device: torch.device,
+                  progress: bool) -> Evaluation:
+    """``evaluate`` with everything the cell fixes: its method's certificate, ε, attacks, batch size and seed."""
+    return evaluate(registry.get(cell.method), model, split, index_range, float(cell.eps), AttackPlan.of(cell.scale),
+                    cell.scale.eval_batch_size, device, cell.seed, None, progress=progress)
 
 
 def recertify(method: Method, model: nn.Module, split: Split, previous: Evaluation, eps: float, plan: AttackPlan,

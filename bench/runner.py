@@ -28,7 +28,7 @@ from bench import distributed, slices
 from bench.config import ATTACKS, Cell, Suite, load_suite, parse_overrides
 from bench.errors import BenchError, NoResults
 from bench.estimate import ESTIMATE_ACCURACY
-from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate, merge, recertify
+from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate_cell, merge, recertify
 from bench.lock import CellBusy, CellLock
 from bench.lock import holder as lock_holder
 from bench.machine import device_name, resolve_device
@@ -234,9 +234,8 @@ def run_cell(cell: Cell, opts: RunOptions, splits: dict[bool, datamod.Split]) ->
     ranks = distributed.current()
     # Each rank evaluates its own contiguous slice; per-point random streams make the merged verdicts
     # those of one pass over the whole range.
-    part = evaluate(registry.get(cell.method), model, splits[False], distributed.shard(*cell.scale.test_range, ranks),
-                    float(cell.eps), AttackPlan.of(cell.scale), cell.scale.eval_batch_size, opts.device, cell.seed,
-                    None, progress=opts.progress)
+    part = evaluate_cell(cell, model, splits[False], distributed.shard(*cell.scale.test_range, ranks), opts.device,
+                         opts.progress)
     ev = merge(distributed.gather(part))
     if not ranks.main:
         return None
@@ -368,9 +367,7 @@ def reevaluate_cell(cell: Cell, opts: RunOptions, test: datamod.Split) -> dict[s
     old = load_result(folder / RESULT_FILE).record["provenance"]
     started = datetime.now(timezone.utc)
     model = load_model(folder, str(opts.device))
-    ev = evaluate(registry.get(cell.method), model, test, cell.scale.test_range, float(cell.eps),
-                  AttackPlan.of(cell.scale), cell.scale.eval_batch_size, opts.device, cell.seed, None,
-                  progress=opts.progress)
+    ev = evaluate_cell(cell, model, test, cell.scale.test_range, opts.device, opts.progress)
     # A model re-evaluated twice keeps the provenance of its training, not of the first re-evaluation.
     trained = old.get("trained", old)
     return write_record(cell, opts, started, ev, float(trained["timings_s"]["train"]), trained)

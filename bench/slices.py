@@ -21,10 +21,10 @@ from bench import data as datamod
 from bench import distributed
 from bench.config import Cell
 from bench.errors import BenchError
-from bench.evaluate import VERDICT_COLUMNS, AttackPlan, Evaluation, evaluate, merge
+from bench.evaluate import VERDICT_COLUMNS, Evaluation, evaluate_cell, merge
 from bench.lock import CellBusy, CellLock
 from bench.store import atomic_write_json, dump_config
-from methods import base as registry
+
 
 MAX_SHARDS = 10_000
 
@@ -73,9 +73,7 @@ def evaluate_slice(cell: Cell, folder: Path, device: torch.device, test: datamod
             if part.exists():
                 return
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            ev = evaluate(registry.get(cell.method), load_model(folder, str(device)), test, span, float(cell.eps),
-                          AttackPlan.of(cell.scale), cell.scale.eval_batch_size, device, cell.seed, None,
-                          progress=progress)
+            ev = evaluate_cell(cell, load_model(folder, str(device)), test, span, device, progress)
             rows = [dict(zip(VERDICT_COLUMNS, (str(v) for v in row))) for row in ev.rows()]
             atomic_write_json(part, {"slice": [k, n], "range": list(span), "started": started,
                                      "certifier": ev.certifier, "timings_s": ev.timings_s, "rows": rows})
