@@ -37,7 +37,7 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
         state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
         model.load_state_dict(state)
     except FileNotFoundError:
-        raise BenchError(f"{folder}: no model.pt (the cell has not finished)") from None
+        raise BenchError(f"{folder}: no model.pt (the cell has not finished, or its weights were not kept)") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise BenchError(f"{folder}/model.pt is corrupt or not a {cell['method']} checkpoint "
                          f"({exc.__class__.__name__})") from None

@@ -79,7 +79,7 @@ class Cascade:
         return {"n": len(self.index), **{v: self.verdict.count(v) for v in ("certified", "falsified", "unknown")}}
 
 
-def _cell_inputs(folder: Path) -> tuple[dict[str, Any], dict[str, Any], Evaluation, registry.Method, nn.Module]:
+def cell_inputs(folder: Path) -> tuple[dict[str, Any], dict[str, Any], Evaluation, registry.Method, nn.Module]:
     """(cell, scale_config, recorded evaluation, method, deployed model) of a finished cell folder or of a
     fixed checkpoint (``model.safetensors``, ``bench.fixed``)."""
     from bench import load_model
@@ -178,7 +178,7 @@ def cascade_cell(folder: Path, stages: list[str] | None, points: int | None, dat
     from bench.runner import versions
 
     started = datetime.now(timezone.utc)
-    cell, scale, previous, method, model = _cell_inputs(folder)
+    cell, scale, previous, method, model = cell_inputs(folder)
     chosen = list(method.certifiers) if stages is None else stages
     unknown = [s for s in chosen if s not in method.certifiers]
     if unknown:

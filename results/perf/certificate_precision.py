@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from bench.cascade import _cell_inputs
+from bench.cascade import cell_inputs
 from bench.data import data_dir, load_split, to_pixels
+from bench.errors import BenchError
 from bench.store import parse_eps
 from methods.bounds import certified, input_box, margin_lower_bounds, margin_spec
 from methods.bounds.rounding import rounding_errors
@@ -36,8 +37,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--points", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=500)
     args = parser.parse_args(argv)
-    cell, _, _, method, model = _cell_inputs(args.cell)
-    split = load_split(cell["dataset"], False, data_dir(None))
+    try:
+        cell, _, _, method, model = cell_inputs(args.cell)
+        split = load_split(cell["dataset"], False, data_dir(None))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     eps = float(parse_eps(cell["eps"]))
     wide = None
     counts = {"no slack": 0, "float32": 0, "float64": 0}
